@@ -1,0 +1,227 @@
+"""One call: its tasks, its per-call log, and how it ends.
+
+Theory of operation
+-------------------
+A :class:`Call` runs three kinds of task in one ``TaskGroup``: the *reader* (caller audio into a
+bounded queue, DTMF into the log and to the profile), the *playout clock* (one frame per 20 ms to
+Asterisk from the first moment of the call to the last), and the profile's *behaviour* (echo now;
+the conversation later). Whatever ends the call — the caller hanging up, a protocol error, the
+profile hanging up, a task failing — raises :class:`CallEnded` (or another exception) inside the
+group, which cancels every other task of this call and nothing else. The log is closed in
+``finally`` with the reason, so every call's log ends with exactly one ``call_end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Final
+
+from . import audiosocket as proto
+from .audio import Playout, PlayoutBuffer, silence
+from .calllog import CallLog
+from .config import EchoProfile, Profile, Settings
+from .server import CALLER_HUNG_UP, Session, SessionEnded
+
+DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
+# Asterisk's first audio frame follows the UUID by ~20 ms and tells the call's rate. The playout
+# waits this long for it, then starts at DEFAULT_RATE rather than leave the line without RTP.
+RATE_WAIT: Final = 0.1
+INBOUND_FRAMES: Final = 250  # 5 s of caller audio may wait for the profile; older frames drop first
+
+
+class CallEnded(Exception):
+    """Raised inside a call's task group to end the call; ``reason`` goes to the log."""
+
+    def __init__(self, reason: str, *, by_bot: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.by_bot = by_bot  # True: we end it, so Asterisk gets a hangup frame
+
+
+Behaviour = Callable[["Call"], Awaitable[None]]
+
+
+class Call:
+    def __init__(
+        self,
+        session: Session,
+        profile_name: str,
+        profile: Profile,
+        settings: Settings,
+        *,
+        behaviour: Behaviour,
+    ) -> None:
+        self.session = session
+        self.profile_name = profile_name
+        self.profile = profile
+        self.settings = settings
+        self.log = session.log
+        self.calllog = CallLog(Path(settings.calls.dir), str(session.uuid))
+        self.buffer = PlayoutBuffer(session.rate or DEFAULT_RATE, settings.playout.buffer_seconds)
+        self.playout = Playout(
+            self.buffer,
+            session.send_audio,
+            lead_frames=settings.playout.lead_frames,
+            rate_source=lambda: session.rate,
+        )
+        self._behaviour = behaviour
+        # Overflow policy: the oldest caller audio is dropped (and counted) so the newest,
+        # which decides what the caller meant, is never lost behind a stalled consumer.
+        self._inbound: collections.deque[proto.Audio] = collections.deque(maxlen=INBOUND_FRAMES)
+        self._inbound_ready = asyncio.Event()
+        self._rate_known = asyncio.Event()
+        self.inbound_dropped = 0
+        self.dtmf: list[str] = []
+        self._dtmf_ready = asyncio.Event()
+        self.end_reason: str | None = None
+
+    # --- what a behaviour uses ------------------------------------------------------------------
+
+    @property
+    def rate(self) -> int:
+        return self.session.rate or self.buffer.rate
+
+    async def next_audio(self) -> proto.Audio:
+        """The next 20 ms of caller audio, in order."""
+        while not self._inbound:
+            self._inbound_ready.clear()
+            await self._inbound_ready.wait()
+        return self._inbound.popleft()
+
+    async def play(self, pcm: bytes) -> None:
+        """Queue audio at the call's rate; waits while the playout buffer is full."""
+        await self.buffer.write(pcm)
+
+    def hangup(self, reason: str) -> None:
+        """End the call from the bot's side (raises; call it from a behaviour)."""
+        raise CallEnded(reason, by_bot=True)
+
+    # --- running ---------------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Runs until the call ends; returns the reason (also in the log)."""
+        s = self.session
+        self.calllog.event(
+            "call_start",
+            uuid=str(s.uuid),
+            peer=s.peer,
+            profile=self.profile_name,
+            profile_kind=self.profile.kind,
+        )
+        self.log.info("call from %s, profile %s", s.peer, self.profile_name)
+        by_bot = False
+        error: str | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read(), name=f"{s.uuid}-reader")
+                tg.create_task(self._play(), name=f"{s.uuid}-playout")
+                tg.create_task(self._behave(), name=f"{s.uuid}-behaviour")
+        except* CallEnded as group:
+            ended = group.exceptions[0]
+            assert isinstance(ended, CallEnded)
+            self.end_reason, by_bot = ended.reason, ended.by_bot
+        except* Exception as group:
+            exc = group.exceptions[0]
+            error = f"{type(exc).__name__}: {exc}"
+            self.log.error("call failed: %s", error, exc_info=exc)
+            self.end_reason, by_bot = f"internal error: {error}", True
+        finally:
+            if self.end_reason is None:  # cancelled from outside: the server is shutting down
+                self.end_reason, by_bot = "server shutting down", True
+            with contextlib.suppress(Exception):
+                if by_bot:
+                    await asyncio.shield(s.hangup(self.end_reason))
+            self._close_log(error)
+        return self.end_reason
+
+    def _close_log(self, error: str | None) -> None:
+        s = self.session
+        stats = self.playout.stats
+        self.calllog.close(
+            self.end_reason or "unknown",
+            frames_in=s.frames_in,
+            frames_out=s.frames_out,
+            dtmf=len(self.dtmf),
+            inbound_dropped=self.inbound_dropped,
+            playout_reanchors=stats.reanchors,
+            playout_max_late_ms=round(stats.max_late * 1000, 1),
+            rate=self.rate,
+            duration=round(self.calllog.elapsed(), 3),
+            **({"protocol_error": s.error} if s.error else {}),
+            **({"error": error} if error else {}),
+        )
+        self.log.info(
+            "call ended: %s (%d frames in, %d out)", self.end_reason, s.frames_in, s.frames_out
+        )
+
+    async def _read(self) -> None:
+        s = self.session
+        while (event := await s.receive()) is not None:
+            if isinstance(event, proto.Audio):
+                if not self._rate_known.is_set():
+                    self._rate_known.set()
+                    self.calllog.event("audio_format", rate=event.rate, frame_bytes=len(event.pcm))
+                if len(self._inbound) == self._inbound.maxlen:
+                    self.inbound_dropped += 1
+                self._inbound.append(event)
+                self._inbound_ready.set()
+            else:
+                self.dtmf.append(event.digit)
+                self._dtmf_ready.set()
+                self.calllog.event("dtmf", digit=event.digit)
+                self.log.info("DTMF %s", event.digit)
+        if s.error:
+            self.calllog.event("error", kind="protocol", message=s.error)
+        raise CallEnded(s.end_reason or CALLER_HUNG_UP)
+
+    async def _play(self) -> None:
+        # A frame at the wrong rate is noise to Asterisk: learn the rate before the first one.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RATE_WAIT):
+                await self._rate_known.wait()
+        try:
+            await self.playout.run()
+        except SessionEnded as exc:
+            raise CallEnded(self.session.end_reason or str(exc)) from exc
+
+    async def _behave(self) -> None:
+        await self._behaviour(self)
+        # A behaviour that returns has nothing more to say: let what it queued play, then hang up.
+        await self.playout.drain()
+        raise CallEnded(f"profile {self.profile_name} finished", by_bot=True)
+
+
+# --- behaviours ---------------------------------------------------------------------------------
+
+
+async def echo(call: Call) -> None:
+    """Asterisk's Echo(), delayed: the caller hears themselves ``delay_ms`` later."""
+    profile = call.profile
+    assert isinstance(profile, EchoProfile)
+    first = await call.next_audio()
+    # The delay line starts with the first caller frame; the playout clock then drains it at the
+    # same 20 ms rate that caller frames arrive, so the delay holds for the whole call.
+    await call.play(silence(first.rate, profile.delay_ms / 1000))
+    await call.play(first.pcm)
+    while True:
+        frame = await call.next_audio()
+        await call.play(frame.pcm)
+
+
+BEHAVIOURS: Final[dict[str, Behaviour]] = {"echo": echo}
+
+
+def handler(settings: Settings) -> Callable[[Session], Awaitable[None]]:
+    """The server's per-connection handler for these settings."""
+
+    async def handle(session: Session) -> None:
+        name = settings.server.profile
+        profile = settings.profile(name)
+        call = Call(session, name, profile, settings, behaviour=BEHAVIOURS[profile.kind])
+        await call.run()
+
+    return handle

@@ -1,0 +1,106 @@
+"""Per-call logs: one folder per call, named by start time and AudioSocket UUID.
+
+``events.jsonl`` holds one JSON object a line, written as things happen (so a crash loses at
+most the line being written): ``t`` is seconds since the call started on the monotonic clock,
+``event`` its name, then the event's fields. ``summary.txt`` is written when the call ends, for
+people. Every call's log ends with exactly one ``call_end`` event carrying the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+EVENTS_FILE: Final = "events.jsonl"
+SUMMARY_FILE: Final = "summary.txt"
+
+
+class CallLogger(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the call's UUID, so interleaved calls stay readable."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        call = self.extra.get("call", "-") if self.extra else "-"
+        return f"[{call}] {msg}", kwargs
+
+
+class CallLog:
+    def __init__(self, root: str | Path, call_id: str, *, started: datetime | None = None) -> None:
+        self.started = started or datetime.now(UTC)
+        self._t0 = time.monotonic()
+        self.call_id = call_id
+        self.folder = Path(root) / f"{self.started:%Y%m%d-%H%M%S}-{call_id}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO | None = (self.folder / EVENTS_FILE).open("a", encoding="utf-8")
+        self._events: list[dict[str, Any]] = []
+        self.closed = False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def event(self, name: str, **fields: Any) -> dict[str, Any]:
+        if self._fh is None:
+            raise RuntimeError(f"call log {self.folder} is closed; cannot record {name!r}")
+        record = {"t": round(self.elapsed(), 4), "event": name, **fields}
+        self._fh.write(json.dumps(record, default=str) + "\n")
+        self._fh.flush()
+        self._events.append(record)
+        return record
+
+    def close(self, reason: str, **fields: Any) -> None:
+        """Record the end of the call and write the summary; a second close does nothing."""
+        if self.closed:
+            return
+        self.event("call_end", reason=reason, **fields)
+        self.closed = True
+        assert self._fh is not None
+        self._fh.close()
+        self._fh = None
+        (self.folder / SUMMARY_FILE).write_text(render_summary(self._events), encoding="utf-8")
+
+
+def render_summary(events: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for e in events:
+        fields = ", ".join(f"{k}={v}" for k, v in e.items() if k not in {"t", "event"})
+        lines.append(f"{e['t']:9.3f}s  {e['event']:<12} {fields}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    folder: Path
+    events: list[dict[str, Any]]
+
+    @property
+    def start(self) -> dict[str, Any]:
+        return next((e for e in self.events if e["event"] == "call_start"), {})
+
+    @property
+    def end(self) -> dict[str, Any] | None:
+        return next((e for e in reversed(self.events) if e["event"] == "call_end"), None)
+
+
+def read_call(folder: str | Path) -> CallRecord:
+    folder = Path(folder)
+    events = []
+    with (folder / EVENTS_FILE).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                events.append(json.loads(line))
+    return CallRecord(folder, events)
+
+
+def list_calls(root: str | Path) -> Iterator[Path]:
+    """Call folders under ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return iter(())
+    return iter(sorted((p for p in root.iterdir() if (p / EVENTS_FILE).is_file()), reverse=True))

@@ -1,0 +1,410 @@
+"""``voicebot``: serve calls, place simulated calls, measure, and read call logs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid as uuid_mod
+from pathlib import Path
+from typing import Any
+
+from . import __version__, config
+from .audio import read_wav, write_wav
+from .calllog import list_calls, read_call, render_summary
+from .simulator import CallerSimulator, DtmfAt
+
+log = logging.getLogger("voicebot")
+
+EXIT_USAGE = 2
+
+
+def _die(message: str, code: int = EXIT_USAGE) -> None:
+    print(f"voicebot: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def _load_settings(args: argparse.Namespace) -> config.Settings:
+    env = dict(os.environ)
+    for flag, var in (("host", "HOST"), ("port", "PORT"), ("profile", "PROFILE")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            env[f"VOICEBOT_SERVER_{var}"] = str(value)
+    try:
+        return config.load(args.config, env)
+    except config.ConfigError as exc:
+        _die(f"configuration error: {exc}")
+        raise  # unreachable
+
+
+async def _serve(settings: config.Settings) -> None:
+    from .call import handler
+    from .server import AudioSocketServer, Timeouts
+
+    s = settings.server
+    server = AudioSocketServer(
+        handler(settings),
+        host=s.host,
+        port=s.port,
+        timeouts=Timeouts(uuid=s.uuid_timeout, idle=s.idle_timeout, write=s.write_timeout),
+    )
+    try:
+        await server.start()
+    except OSError as exc:
+        _die(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}", 1)
+    host, port = server.address
+    print(
+        f"voicebot {__version__} ready: AudioSocket on {host}:{port}, profile "
+        f"{s.profile}, call logs in {settings.calls.dir}/",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve_forever(), name="serve")
+    await stop.wait()
+    log.warning("shutting down: %d call(s) in progress", len(server.sessions))
+    serving.cancel()
+    await server.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+# --- call ---------------------------------------------------------------------------------------
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    rate = 16000 if args.slin16 else 8000
+    try:
+        turns = [read_wav(path, rate) for path in args.wav]
+        dtmf = [DtmfAt.parse(d) for d in args.dtmf]
+    except (OSError, ValueError) as exc:
+        _die(str(exc))
+    if not turns and not dtmf and args.duration is None:
+        _die("nothing to do: give WAV turns, --dtmf or --duration")
+    host, port = args.target
+    sim = CallerSimulator(
+        host,
+        port,
+        turns,
+        rate=rate,
+        call_uuid=uuid_mod.UUID(args.uuid) if args.uuid else None,
+        dtmf=dtmf,
+        greeting_wait=args.greeting_wait,
+        quiet=args.quiet,
+        answer_timeout=args.answer_timeout,
+        duration=args.duration,
+        record=args.record is not None,
+    )
+    try:
+        report = asyncio.run(sim.run())
+    except OSError as exc:
+        _die(f"cannot call {host}:{port}: {exc.strerror or exc}", 1)
+    if args.record:
+        write_wav(args.record, bytes(sim.received), rate)
+    if args.json:
+        out = report.as_dict()
+        out.pop("rx_frame_sizes", None)
+        print(json.dumps(out, indent=2))
+    else:
+        print(
+            f"call {report.uuid} at {rate} Hz: {report.duration:.2f} s, ended by "
+            f"{report.ended_by}; sent {report.frames_sent} frames, received "
+            f"{report.frames_received} ({report.voiced_frames_received} with sound)"
+        )
+        for t in report.turns:
+            lat = (
+                "no answer"
+                if t.response_latency_ms is None
+                else f"answered after {t.response_latency_ms:.0f} ms"
+            )
+            print(
+                f"  turn {t.index + 1}: speech {t.speech_start:.2f}-{t.speech_end:.2f} s, "
+                f"{lat}, reply {t.reply_seconds:.2f} s"
+            )
+        if report.rx_interval_ms:
+            iv = report.rx_interval_ms
+            print(
+                f"  bot frame spacing: p50 {iv['p50']:.1f} ms, p99 {iv['p99']:.1f} ms, "
+                f"max {iv['max']:.1f} ms"
+            )
+        if args.record:
+            print(f"  bot audio recorded to {args.record}")
+    return 0 if not report.ended_by.startswith("error") else 1
+
+
+# --- calls --------------------------------------------------------------------------------------
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    root = Path(args.dir or _load_settings(args).calls.dir)
+    if args.action == "show":
+        if not args.id:
+            _die("calls show: give a call id (a UUID, its start, or a folder name)")
+        matches = [p for p in list_calls(root) if args.id in p.name]
+        if not matches:
+            _die(f"no call matching {args.id!r} in {root}", 1)
+        record = read_call(matches[0])
+        if args.json:
+            print(json.dumps(record.events, indent=2))
+        else:
+            print(f"{record.folder}")
+            print(render_summary(record.events), end="")
+        return 0
+    rows = []
+    for folder in list_calls(root):
+        rec = read_call(folder)
+        end = rec.end or {}
+        rows.append(
+            {
+                "id": folder.name,
+                "peer": rec.start.get("peer"),
+                "profile": rec.start.get("profile"),
+                "duration": end.get("duration"),
+                "end": end.get("reason", "(in progress or crashed)"),
+            }
+        )
+        if len(rows) >= args.limit:
+            break
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no calls in {root}")
+    for r in [] if args.json else rows:
+        dur = "-" if r["duration"] is None else f"{r['duration']:.1f}s"
+        print(f"{r['id']}  {r['profile'] or '-':<8} {dur:>7}  {r['end']}")
+    return 0
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start_server(port: int, env: dict[str, str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", "echo"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.kill()
+        _die(f"bench: the server did not start: {line.strip() or 'no output'}", 1)
+    return proc
+
+
+async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> list[Any]:
+    sims = [
+        CallerSimulator("127.0.0.1", port, rate=8000, duration=seconds, record=False)
+        for _ in range(calls)
+    ]
+    runs = asyncio.gather(*(s.run() for s in sims))
+    if progress:
+        start = time.monotonic()
+        while not runs.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(runs), 1.0)
+            got = sum(len(s.rx_times) for s in sims)
+            print(
+                f"\r  {calls} call(s): {time.monotonic() - start:4.1f}/{seconds:g} s, "
+                f"{got} frames received",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(file=sys.stderr)
+    return list(await runs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what != "pacing":
+        _die(f"bench: unknown benchmark {args.what!r} (known: pacing)")
+    env = dict(os.environ)
+    env["VOICEBOT_CALLS_DIR"] = args.calls_dir
+    port = _free_port()
+    results = []
+    proc = _start_server(port, env)
+    try:
+        for n in args.calls:
+            print(f"pacing: {n} concurrent echo call(s) for {args.seconds:g} s", file=sys.stderr)
+            reports = asyncio.run(_pacing_run(port, n, args.seconds, not args.json))
+            gaps = [r.rx_interval_ms for r in reports]
+            results.append(
+                {
+                    "calls": n,
+                    "seconds": args.seconds,
+                    "frames_per_call": [r.frames_received for r in reports],
+                    "interval_p50_ms": max(g["p50"] for g in gaps),
+                    "interval_p99_ms": max(g["p99"] for g in gaps),
+                    "interval_max_ms": max(g["max"] for g in gaps),
+                    "interval_mean_ms": round(sum(g["mean"] for g in gaps) / len(gaps), 3),
+                    "max_frames_in_20ms": max(r.max_frames_in_20ms for r in reports),
+                    "ended_by": sorted({r.ended_by for r in reports}),
+                }
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(
+            f"{'calls':>5} {'frames/call (min-max)':>22} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'max ms':>7} {'mean ms':>8} {'burst':>5}"
+        )
+        for r in results:
+            fpc = r["frames_per_call"]
+            print(
+                f"{r['calls']:>5} {f'{min(fpc)}-{max(fpc)}':>22} {r['interval_p50_ms']:>7.2f} "
+                f"{r['interval_p99_ms']:>7.2f} {r['interval_max_ms']:>7.2f} "
+                f"{r['interval_mean_ms']:>8.3f} {r['max_frames_in_20ms']:>5}"
+            )
+        print("(worst call shown for each spacing statistic; burst = most frames in any 20 ms)")
+    return 0
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    p = argparse.ArgumentParser(prog="voicebot", description=__doc__, parents=[common])
+    p.add_argument("--version", action="version", version=f"voicebot {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="answer AudioSocket calls from Asterisk")
+    serve.add_argument("--config", help="TOML settings file (also VOICEBOT_CONFIG)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="AudioSocket port (default 9092)")
+    serve.add_argument("--profile", help="profile every call gets (default echo)")
+    serve.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser(
+        "call", parents=[common], help="place a simulated call, exactly as Asterisk would"
+    )
+    call.add_argument("target", type=_host_port, help="the bot's HOST:PORT")
+    call.add_argument("wav", nargs="*", help="caller turns, one WAV each (16-bit PCM)")
+    call.add_argument("--slin16", action="store_true", help="16 kHz (kind 0x12) instead of 8 kHz")
+    call.add_argument(
+        "--dtmf",
+        action="append",
+        default=[],
+        metavar="DIGIT@SECONDS",
+        help="send a DTMF digit at a time since the call started (repeatable)",
+    )
+    call.add_argument("--record", metavar="WAV", help="write everything the bot sent to a WAV")
+    call.add_argument("--uuid", help="call UUID (default: random)")
+    call.add_argument(
+        "--greeting-wait",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="wait up to S seconds for a greeting before the first turn",
+    )
+    call.add_argument(
+        "--quiet",
+        type=float,
+        default=0.8,
+        metavar="S",
+        help="the bot is done answering after S seconds of silence",
+    )
+    call.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="a turn with no answer within S seconds counts as missed",
+    )
+    call.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="stay on the line S seconds from the start, then hang up",
+    )
+    call.add_argument("--json", action="store_true", help="machine-readable report")
+    call.set_defaults(func=cmd_call)
+
+    calls = sub.add_parser(
+        "calls", parents=[common], help="list recent calls, or show one call's timeline"
+    )
+    calls.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    calls.add_argument("id", nargs="?", help="with show: call UUID or folder name (or part)")
+    calls.add_argument("--dir", help="call log folder (default from settings: calls/)")
+    calls.add_argument("--config", help="TOML settings file")
+    calls.add_argument("--limit", type=int, default=20)
+    calls.add_argument("--json", action="store_true")
+    calls.set_defaults(func=cmd_calls)
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="measure the bot from outside, with simulated calls"
+    )
+    bench.add_argument("what", choices=["pacing"], help="pacing: outbound frame timing on echo")
+    bench.add_argument(
+        "--calls",
+        type=int,
+        nargs="+",
+        default=[1, 20],
+        help="concurrent calls per run (default: 1 then 20)",
+    )
+    bench.add_argument("--seconds", type=float, default=10.0)
+    bench.add_argument(
+        "--calls-dir",
+        default=os.path.join("var", "bench-calls"),
+        help="where the benchmark's server writes call logs",
+    )
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

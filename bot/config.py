@@ -1,0 +1,218 @@
+"""Settings: defaults, then a TOML file, then ``VOICEBOT_*`` environment variables, validated.
+
+Every value is checked at start-up; the first bad one stops the bot with a :class:`ConfigError`
+whose message names the key (``server.port: ...``), which the CLI prints on one line (exit 2).
+
+Environment variables name a section and a key: ``VOICEBOT_SERVER_PORT=9093`` sets
+``[server] port``; ``VOICEBOT_PROFILES_ECHO_DELAY_MS=250`` sets ``[profiles.echo] delay_ms``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+ENV_PREFIX: Final = "VOICEBOT_"
+DEFAULT_PORT: Final = 9092
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or invalid; the message starts with the key."""
+
+
+Check = Callable[[Any], str | None]  # returns why the value is wrong, or None
+
+
+def _range(lo: float, hi: float) -> Check:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}, got {v!r}"
+
+    return check
+
+
+def _nonempty(v: Any) -> str | None:
+    return None if str(v).strip() else "must not be empty"
+
+
+def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = _setting("127.0.0.1", _nonempty, "address to listen on (0.0.0.0 for all)")
+    port: int = _setting(DEFAULT_PORT, _range(0, 65535), "AudioSocket TCP port (0: any free one)")
+    profile: str = _setting("echo", _nonempty, "profile a call gets")
+    uuid_timeout: float = _setting(5.0, _range(0.1, 60), "seconds a new connection may stay silent")
+    idle_timeout: float = _setting(
+        10.0, _range(0.5, 3600), "seconds without a frame from Asterisk before the call ends"
+    )
+    write_timeout: float = _setting(
+        2.0, _range(0.1, 60), "seconds a write may wait on a peer that does not read"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlayoutSettings:
+    lead_frames: int = _setting(3, _range(0, 10), "20 ms frames written ahead of real time")
+    buffer_seconds: float = _setting(30.0, _range(1, 600), "bot audio that may wait to be played")
+
+
+@dataclass(frozen=True, slots=True)
+class CallLogSettings:
+    dir: str = _setting("calls", _nonempty, "folder for per-call logs")
+
+
+@dataclass(frozen=True, slots=True)
+class EchoProfile:
+    """Diagnostic profile, like Asterisk's Echo(): plays the caller back after a delay."""
+
+    kind: str = _setting("echo")
+    delay_ms: int = _setting(500, _range(0, 10000), "delay before the caller hears themselves")
+
+
+PROFILE_KINDS: Final[dict[str, type[Any]]] = {"echo": EchoProfile}
+Profile = EchoProfile
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    playout: PlayoutSettings = field(default_factory=PlayoutSettings)
+    calls: CallLogSettings = field(default_factory=CallLogSettings)
+    profiles: Mapping[str, Profile] = field(default_factory=lambda: {"echo": EchoProfile()})
+
+    def profile(self, name: str) -> Profile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise ConfigError(f"profile {name!r} is not defined") from None
+
+
+SECTIONS: Final = {"server": ServerSettings, "playout": PlayoutSettings, "calls": CallLogSettings}
+_TYPES: Final = {"int": int, "float": float, "str": str, "bool": bool}
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+
+
+class _FromEnv(str):
+    """A value from an environment variable: text, parsed by the setting's type."""
+
+
+def _coerce(key: str, f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind: type[Any] = f.type if isinstance(f.type, type) else _TYPES[str(f.type)]
+    value: Any = raw
+    if isinstance(raw, _FromEnv) and kind is not str:
+        text = raw.strip().lower()
+        try:
+            if kind is bool:
+                if text not in _TRUE | _FALSE:
+                    raise ValueError
+                value = text in _TRUE
+            else:
+                value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {str(raw)!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    check: Check | None = f.metadata.get("check")
+    if check is not None and (why := check(value)) is not None:
+        raise ConfigError(f"{key}: {why}")
+    return str(value) if kind is str else value
+
+
+def _build(cls: type[Any], prefix: str, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix}: expected a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in fields:
+            raise ConfigError(f"{prefix}.{name}: unknown key (known: {', '.join(fields)})")
+        kwargs[name] = _coerce(f"{prefix}.{name}", fields[name], raw)
+    return cls(**kwargs)
+
+
+def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.setdefault(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
+    return value
+
+
+def _merge_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Fold VOICEBOT_SECTION_KEY variables into the file's tables."""
+    for var, value in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var in {"VOICEBOT_CONFIG", "VOICEBOT_VENV"}:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        if rest.startswith("profiles_"):
+            profiles = _table(data, "profiles")
+            name_key = rest[len("profiles_") :]
+            # Longest name first: profile names may contain underscores themselves.
+            known = sorted({*profiles, "echo"}, key=len, reverse=True)
+            name = next((n for n in known if name_key.startswith(n + "_")), None)
+            if name is None:
+                raise ConfigError(f"{var}: names no defined profile")
+            table = profiles.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"profiles.{name}: expected a table, got {table!r}")
+            table[name_key[len(name) + 1 :]] = _FromEnv(value)
+            continue
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(f"{var}: unknown setting (sections: {', '.join(SECTIONS)}, profiles)")
+        _table(data, section)[rest[len(section) + 1 :]] = _FromEnv(value)
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from defaults, ``path`` (TOML) and the environment; raises :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("VOICEBOT_CONFIG"):
+        path = environ["VOICEBOT_CONFIG"]
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
+    _merge_env(data, environ)
+    for key in data:
+        if key not in SECTIONS and key != "profiles":
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)}, profiles)")
+
+    profiles: dict[str, Profile] = {"echo": EchoProfile()}
+    for name, values in _table(data, "profiles").items():
+        prefix = f"profiles.{name}"
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{prefix}: expected a table, got {values!r}")
+        kind = values.get("kind", "echo" if name == "echo" else None)
+        if kind not in PROFILE_KINDS:
+            raise ConfigError(
+                f"{prefix}.kind: must be one of {', '.join(PROFILE_KINDS)}, got {kind!r}"
+            )
+        profiles[name] = _build(PROFILE_KINDS[kind], prefix, {**values, "kind": str(kind)})
+
+    settings = Settings(
+        server=_build(ServerSettings, "server", _table(data, "server")),
+        playout=_build(PlayoutSettings, "playout", _table(data, "playout")),
+        calls=_build(CallLogSettings, "calls", _table(data, "calls")),
+        profiles=profiles,
+    )
+    if settings.server.profile not in settings.profiles:
+        raise ConfigError(
+            f"server.profile: {settings.server.profile!r} is not defined "
+            f"(profiles: {', '.join(settings.profiles)})"
+        )
+    return settings

@@ -1,0 +1,96 @@
+"""Settings: defaults, file, environment; a bad value stops start-up naming its key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot import config
+from bot.config import ConfigError
+
+from .conftest import ROOT
+
+
+def test_defaults_are_safe() -> None:
+    s = config.load(None, {})
+    assert s.server.host == "127.0.0.1"  # never listen on every interface unless told to
+    assert s.server.port == 9092
+    assert s.server.profile == "echo" and s.profile("echo").delay_ms == 500
+    assert s.playout.lead_frames == 3
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    f = tmp_path / "bot.toml"
+    f.write_text(
+        '[server]\nport = 9100\nhost = "0.0.0.0"\n[profiles.slow]\nkind = "echo"\n'
+        "delay_ms = 1000\n[playout]\nbuffer_seconds = 5\n"
+    )
+    s = config.load(
+        f,
+        {
+            "VOICEBOT_SERVER_PORT": "9200",
+            "VOICEBOT_PROFILES_SLOW_DELAY_MS": "50",
+            "VOICEBOT_SERVER_PROFILE": "slow",
+        },
+    )
+    assert (s.server.host, s.server.port, s.server.profile) == ("0.0.0.0", 9200, "slow")
+    assert s.profile("slow").delay_ms == 50
+    assert s.playout.buffer_seconds == 5.0
+    assert config.load(None, {"VOICEBOT_CONFIG": str(f)}).server.port == 9100
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[server]\nport = 'x'\n", {}, "server.port: expected int, got 'x'"),
+        ("[server]\nport = 70000\n", {}, "server.port: must be between 0 and 65535, got 70000"),
+        ("[server]\nprot = 1\n", {}, "server.prot: unknown key (known: host, port, profile, "),
+        ("[sever]\nport = 1\n", {}, "sever: unknown section"),
+        ("server = 1\n", {}, "server: expected a table, got 1"),
+        ("[server]\nport = true\n", {}, "server.port: expected int, got True"),
+        ("[server]\nhost = ''\n", {}, "server.host: must not be empty"),
+        ("[server]\nprofile = 'nope'\n", {}, "server.profile: 'nope' is not defined"),
+        ("[profiles.x]\nkind = 'robot'\n", {}, "profiles.x.kind: must be one of echo, got 'robot'"),
+        ("[profiles.echo]\ndelay_ms = -1\n", {}, "profiles.echo.delay_ms: must be between 0 and"),
+        ("[server\n", {}, "not valid TOML"),
+        ("", {"VOICEBOT_SERVER_PORT": "nine"}, "server.port: expected int, got 'nine'"),
+        ("", {"VOICEBOT_SERVR_PORT": "1"}, "VOICEBOT_SERVR_PORT: unknown setting"),
+        ("", {"VOICEBOT_PROFILES_NOPE_DELAY_MS": "1"}, "VOICEBOT_PROFILES_NOPE_DELAY_MS: names no"),
+        (
+            "",
+            {"VOICEBOT_PLAYOUT_LEAD_FRAMES": "2.5"},
+            "playout.lead_frames: expected int, got '2.5'",
+        ),
+    ],
+)
+def test_bad_settings_name_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    f = tmp_path / "bot.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(f, env)
+    assert message in str(info.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="config file /nonexistent.toml: No such file"):
+        config.load("/nonexistent.toml", {})
+
+
+def test_serve_stops_on_bad_config_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "bot.toml"
+    f.write_text("[server]\nport = 'abc'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "serve", "--config", str(f)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "voicebot: configuration error: server.port: expected int, got 'abc'\n"
+    assert result.stdout == ""
