@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from bot.call import handler
 from bot.server import AudioSocketServer, Handler, Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+# The project's shared folder sits beside the checkout (CI lays a copy there too).
+SHARED = Path(os.environ.get("VOICEBOT_SHARED", ROOT.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "asterisk22"
 
 
