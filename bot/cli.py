@@ -204,6 +204,54 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models and doctor --------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .doctor import models_report
+    from .engines import ModelUnavailable, models
+
+    if args.action == "install":
+        if not args.names:
+            _die(f"models install: name a pack ({', '.join(models.PACKS)}) or models")
+        try:
+            models.install(args.names)
+        except ModelUnavailable as exc:
+            _die(str(exc))
+        except subprocess.CalledProcessError as exc:
+            _die(f"pip failed (exit {exc.returncode})", 1)
+        return 0
+    settings = _load_settings(args)
+    rows = models_report(settings)
+    if args.json:
+        print(json.dumps({"pack": settings.models.pack, "engines": rows}, indent=2))
+    else:
+        print(f"model pack: {settings.models.pack}")
+        for r in rows:
+            size = f"{r['size'] / 1e6:.0f} MB" if r.get("size") else "-"
+            print(
+                f"  {r['engine']}: {r['model']} [{r.get('source', '-')}] {size}, "
+                f"sha256 {str(r.get('sha256') or '-')[:16]}: {r['status']}"
+            )
+            if r.get("path"):
+                print(f"       {r['path']}")
+    return (
+        0
+        if all(r["status"] != "missing" and not r["status"].startswith("missing") for r in rows)
+        else 1
+    )
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    settings = _load_settings(args)
+    say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    report = doctor.run(settings, say)
+    print(json.dumps(report, indent=2) if args.json else doctor.render(report))
+    return 0 if report["ok"] else 1
+
+
 # --- bench --------------------------------------------------------------------------------------
 
 
@@ -253,8 +301,12 @@ async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what != "pacing":
-        _die(f"bench: unknown benchmark {args.what!r} (known: pacing)")
+    if args.what == "engines":
+        from . import bench_engines
+
+        results = bench_engines.run_all(_load_settings(args).models, progress=not args.json)
+        print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
+        return 1 if any("error" in r for r in results) else 0
     env = dict(os.environ)
     env["VOICEBOT_CALLS_DIR"] = args.calls_dir
     port = _free_port()
@@ -377,10 +429,37 @@ def build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--json", action="store_true")
     calls.set_defaults(func=cmd_calls)
 
+    mdl = sub.add_parser(
+        "models",
+        parents=[common],
+        help="show what each engine's model resolves to, or install a pack",
+    )
+    mdl.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    mdl.add_argument(
+        "names", nargs="*", help="with install: packs (default, fast, quality) or model names"
+    )
+    mdl.add_argument("--config", help="TOML settings file")
+    mdl.add_argument("--json", action="store_true")
+    mdl.set_defaults(func=cmd_models)
+
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="load and warm every engine, then a real TTS->STT->LLM check",
+    )
+    doctor.add_argument("--config", help="TOML settings file")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+
     bench = sub.add_parser(
         "bench", parents=[common], help="measure the bot from outside, with simulated calls"
     )
-    bench.add_argument("what", choices=["pacing"], help="pacing: outbound frame timing on echo")
+    bench.add_argument(
+        "what",
+        choices=["pacing", "engines"],
+        help="pacing: outbound frame timing on echo; engines: each speech engine",
+    )
+    bench.add_argument("--config", help="TOML settings file (engines: which models)")
     bench.add_argument(
         "--calls",
         type=int,

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, Final
 
 ENV_PREFIX: Final = "VOICEBOT_"
+# VOICEBOT_* variables that are not settings: the config file itself, and set-up/test paths.
+NOT_SETTINGS: Final = frozenset(
+    {"VOICEBOT_CONFIG", "VOICEBOT_VENV", "VOICEBOT_MODELS_DIR", "VOICEBOT_SHARED"}
+)
 DEFAULT_PORT: Final = 9092
 
 
@@ -68,6 +72,35 @@ class CallLogSettings:
     dir: str = _setting("calls", _nonempty, "folder for per-call logs")
 
 
+MODEL_PACKS: Final = ("default", "fast", "quality")
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Which models the engines load. A pack sets all three; the other keys override one."""
+
+    pack: str = _setting("default", _one_of(*MODEL_PACKS), "default | fast | quality")
+    stt: str = _setting("", None, "STT model: offline name, path, or Hugging Face name")
+    llm: str = _setting("", None, "LLM: offline name, GGUF path, or owner/repo:file.gguf")
+    tts: str = _setting("", None, "TTS model: offline name, path, or Hugging Face name")
+    tts_engine: str = _setting(
+        "", _one_of("", "kokoro", "piper"), "kokoro | piper (default: pack's)"
+    )
+    tts_backend: str = _setting("onnx", _one_of("onnx", "torch"), "Kokoro backend")
+    voice: str = _setting("", None, "TTS voice (default: from the pack)")
+    threads: int = _setting(2, _range(1, 64), "CPU threads per engine")
+    stt_beam_size: int = _setting(1, _range(1, 10), "Whisper beam size")
+    llm_max_tokens: int = _setting(50, _range(1, 2048), "longest reply, in tokens")
+    llm_n_ctx: int = _setting(2048, _range(256, 32768), "LLM context window, in tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class EchoProfile:
     """Diagnostic profile, like Asterisk's Echo(): plays the caller back after a delay."""
@@ -85,6 +118,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     playout: PlayoutSettings = field(default_factory=PlayoutSettings)
     calls: CallLogSettings = field(default_factory=CallLogSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
     profiles: Mapping[str, Profile] = field(default_factory=lambda: {"echo": EchoProfile()})
 
     def profile(self, name: str) -> Profile:
@@ -94,7 +128,12 @@ class Settings:
             raise ConfigError(f"profile {name!r} is not defined") from None
 
 
-SECTIONS: Final = {"server": ServerSettings, "playout": PlayoutSettings, "calls": CallLogSettings}
+SECTIONS: Final = {
+    "server": ServerSettings,
+    "playout": PlayoutSettings,
+    "calls": CallLogSettings,
+    "models": ModelSettings,
+}
 _TYPES: Final = {"int": int, "float": float, "str": str, "bool": bool}
 _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off"}
@@ -150,7 +189,7 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
 def _merge_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Fold VOICEBOT_SECTION_KEY variables into the file's tables."""
     for var, value in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var in {"VOICEBOT_CONFIG", "VOICEBOT_VENV"}:
+        if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         if rest.startswith("profiles_"):
@@ -208,6 +247,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         server=_build(ServerSettings, "server", _table(data, "server")),
         playout=_build(PlayoutSettings, "playout", _table(data, "playout")),
         calls=_build(CallLogSettings, "calls", _table(data, "calls")),
+        models=_build(ModelSettings, "models", _table(data, "models")),
         profiles=profiles,
     )
     if settings.server.profile not in settings.profiles:

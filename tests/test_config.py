@@ -94,3 +94,33 @@ def test_serve_stops_on_bad_config_with_one_line_and_exit_2(tmp_path: Path) -> N
     assert result.returncode == 2
     assert result.stderr == "voicebot: configuration error: server.port: expected int, got 'abc'\n"
     assert result.stdout == ""
+
+
+def test_model_settings_and_packs() -> None:
+    from bot.engines.stack import options
+
+    s = config.load(None, {"VOICEBOT_MODELS_PACK": "fast", "VOICEBOT_MODELS_THREADS": "1"})
+    stt, llm, tts = options(s.models)
+    assert (stt.model, llm.model, tts.engine, tts.model) == (
+        "whisper-tiny.en",
+        "smollm2-135m",
+        "piper",
+        "piper-joe-medium",
+    )
+    assert stt.threads == llm.threads == tts.threads == 1
+    default = options(config.load(None, {}).models)
+    assert (default[1].model, default[2].model, default[2].voice) == (
+        "qwen2.5-0.5b",
+        "kokoro-v1.0-int8",
+        "jm_kumo",
+    )
+    custom = options(
+        config.load(
+            None, {"VOICEBOT_MODELS_LLM": "/m/x.gguf", "VOICEBOT_MODELS_VOICE": "jf_nezumi"}
+        ).models
+    )
+    assert custom[1].model == "/m/x.gguf" and custom[2].voice == "jf_nezumi"
+    with pytest.raises(ConfigError, match="models.pack: must be one of default, fast, quality"):
+        config.load(None, {"VOICEBOT_MODELS_PACK": "huge"})
+    with pytest.raises(ConfigError, match="models.tts_backend: must be one of onnx, torch"):
+        config.load(None, {"VOICEBOT_MODELS_TTS_BACKEND": "tensorflow"})

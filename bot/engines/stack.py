@@ -1,0 +1,113 @@
+"""The three engines a conversation needs, chosen from settings, loaded once and warmed up."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from ..config import ModelSettings
+from . import EngineError
+from .llm import LlamaLlm, LlmOptions
+from .stt import SttOptions, WhisperStt
+from .tts import TtsEngine, TtsOptions, create
+
+PACK_MODELS: Final[dict[str, dict[str, str]]] = {
+    "default": {
+        "stt": "whisper-tiny.en",
+        "llm": "qwen2.5-0.5b",
+        "tts": "kokoro-v1.0-int8",
+        "tts_engine": "kokoro",
+        "voice": "jm_kumo",
+    },
+    "fast": {
+        "stt": "whisper-tiny.en",
+        "llm": "smollm2-135m",
+        "tts": "piper-joe-medium",
+        "tts_engine": "piper",
+        "voice": "",
+    },
+    "quality": {
+        "stt": "whisper-base",
+        "llm": "qwen2.5-1.5b",
+        "tts": "kokoro-v1.0-int8",
+        "tts_engine": "kokoro",
+        "voice": "jm_kumo",
+    },
+}
+WARM_UP_PHRASES: Final = ("Hello!", "Thanks for calling, how can I help you today?", "Goodbye.")
+
+
+def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
+    pack = PACK_MODELS[m.pack]
+    stt = SttOptions(model=m.stt or pack["stt"], beam_size=m.stt_beam_size, threads=m.threads)
+    llm = LlmOptions(
+        model=m.llm or pack["llm"],
+        threads=m.threads,
+        max_tokens=m.llm_max_tokens,
+        n_ctx=m.llm_n_ctx,
+    )
+    engine = m.tts_engine or pack["tts_engine"]
+    tts = TtsOptions(
+        engine=engine,
+        backend=m.tts_backend,
+        model=m.tts or pack["tts"],
+        voice=m.voice or pack["voice"],
+        threads=m.threads,
+    )
+    return stt, llm, tts
+
+
+@dataclass
+class Timing:
+    load: dict[str, float] = field(default_factory=dict)
+    warm_up: dict[str, float] = field(default_factory=dict)
+
+
+class Engines:
+    """STT, LLM and TTS for every call of this process (shared; per-call state lives elsewhere)."""
+
+    def __init__(
+        self, settings: ModelSettings, *, log: Callable[[str], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.timing = Timing()
+        say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        stt_o, llm_o, tts_o = options(settings)
+        start = time.perf_counter()
+        say(f"loading STT {stt_o.model} ...")
+        self.stt = WhisperStt(stt_o)
+        self.timing.load["stt"] = time.perf_counter() - start
+        start = time.perf_counter()
+        say(f"loading LLM {llm_o.model} ...")
+        self.llm = LlamaLlm(llm_o)
+        self.timing.load["llm"] = time.perf_counter() - start
+        start = time.perf_counter()
+        say(f"loading TTS {tts_o.engine} {tts_o.model} ...")
+        self.tts: TtsEngine = create(tts_o)
+        self.timing.load["tts"] = time.perf_counter() - start
+        self._say = say
+
+    def warm_up(self) -> None:
+        """Runs every engine once: the first inference after load is several times slower."""
+        start = time.perf_counter()
+        self._say("warming up TTS ...")
+        audio = [np.concatenate(list(self.tts.synthesize(p))) for p in WARM_UP_PHRASES]
+        self.timing.warm_up["tts"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self._say("warming up STT ...")
+        from ..audio import float_to_pcm
+
+        pcm = float_to_pcm(audio[1])
+        self.stt.transcribe(pcm, self.tts.native_rate)
+        self.timing.warm_up["stt"] = time.perf_counter() - start
+        start = time.perf_counter()
+        self._say("warming up LLM ...")
+        reply = "".join(self.llm.stream([{"role": "user", "content": "Say hello."}], max_tokens=8))
+        if not reply.strip():
+            raise EngineError("LLM warm-up produced no text")
+        self.timing.warm_up["llm"] = time.perf_counter() - start

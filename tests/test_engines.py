@@ -1,0 +1,239 @@
+"""The engines on real weights from the offline model pack (no network)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bot import audiosocket as p
+from bot.audio import pcm_to_float
+from bot.doctor import word_errors
+from bot.engines import ModelUnavailable
+from bot.engines.llm import Conversation, LlamaLlm, LlmOptions, Usage
+from bot.engines.models import CATALOG, materialize
+from bot.engines.stt import SttOptions, WhisperStt
+from bot.engines.tts import (
+    KOKORO_RATE,
+    KokoroG2P,
+    KokoroOnnx,
+    KokoroTorch,
+    PiperTts,
+    TtsOptions,
+    sentences,
+    speak,
+)
+
+from .conftest import fixture_stream
+
+SENTENCE = "Thank you for calling. How can I help you today?"
+
+
+@pytest.fixture(scope="module")
+def whisper() -> WhisperStt:
+    return WhisperStt(SttOptions(beam_size=5), progress=False)
+
+
+@pytest.fixture(scope="module")
+def g2p() -> KokoroG2P:
+    return KokoroG2P()
+
+
+@pytest.fixture(scope="module")
+def kokoro(g2p: KokoroG2P) -> KokoroOnnx:
+    return KokoroOnnx(TtsOptions(), g2p=g2p, progress=False)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LlamaLlm:
+    return LlamaLlm(LlmOptions(seed=7, temperature=0.2), progress=False)
+
+
+def wer(reference: str, heard: str) -> float:
+    errors, words = word_errors(reference, heard)
+    return errors / words
+
+
+# --- STT ----------------------------------------------------------------------------------------
+
+
+def test_stt_transcribes_a_real_telephone_recording(whisper: WhisperStt) -> None:
+    """The caller audio of a real SIP call through Asterisk 22: espeak counting one to five."""
+    data, _ = fixture_stream("asterisk22-sip-llama1")
+    conn = p.Connection(p.Role.SERVER)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    pcm = b"".join(e.pcm for e in conn.events() if isinstance(e, p.Audio))
+    heard = whisper.transcribe(pcm, 8000)
+    text = heard.text.lower()
+    assert "test call" in text
+    numbers = re.findall(r"\b(?:one|two|three|four|five|[1-5])\b", text)
+    assert [n for n in numbers][:5] in (
+        ["1", "2", "3", "4", "5"],
+        ["one", "two", "three", "four", "five"],
+    )
+    assert heard.audio_seconds == pytest.approx(12.4)
+
+
+# --- TTS: round trips through STT ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_kokoro_onnx_speaks_words_that_come_back(
+    kokoro: KokoroOnnx, whisper: WhisperStt, rate: int
+) -> None:
+    pcm = b"".join(speak(kokoro, SENTENCE, rate))
+    assert len(pcm) > 2 * rate * 1.0  # more than a second of speech
+    heard = whisper.transcribe(pcm, rate)
+    assert wer(SENTENCE, heard.text) <= 0.2, heard.text
+
+
+def test_kokoro_yields_the_first_sentence_before_synthesizing_the_rest(
+    kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = kokoro._infer
+
+    def counting(phonemes: str) -> np.ndarray:
+        calls.append(phonemes)
+        return real(phonemes)
+
+    monkeypatch.setattr(kokoro, "_infer", counting)
+    chunks: Iterator[bytes] = speak(kokoro, "Hello there. This is a second sentence.", 8000)
+    first = next(chunks)
+    assert len(first) > 0 and len(calls) == 1  # audio is out before sentence two is started
+    rest = list(chunks)
+    assert len(calls) == 2 and rest
+
+
+def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
+    piper = PiperTts(progress=False)
+    pcm = b"".join(speak(piper, SENTENCE, 8000))
+    heard = whisper.transcribe(pcm, 8000)
+    assert wer(SENTENCE, heard.text) <= 0.2, heard.text
+
+
+def test_unknown_voice_names_the_voices(g2p: KokoroG2P) -> None:
+    with pytest.raises(ModelUnavailable, match="voices: jf_alpha, .*jm_kumo"):
+        KokoroOnnx(TtsOptions(voice="af_nobody"), g2p=g2p, progress=False)
+
+
+def test_kokoro_pytorch_path_runs_with_random_weights(tmp_path: Path, g2p: KokoroG2P) -> None:
+    """No offline checkpoint exists: a KModel from the v1.0 config with random weights."""
+    import torch
+    from kokoro import KModel
+
+    config = json.loads((Path(__file__).parent / "data" / "kokoro-v1.0-config.json").read_text())
+    model = CATALOG["kokoro-v1.0-int8"]
+    config["vocab"] = json.loads(materialize(model.files["vocab"], model).read_text())["vocab"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save({}, tmp_path / "empty.pth")
+    torch.manual_seed(0)
+    random_model = KModel(
+        repo_id="hexgrad/Kokoro-82M", config=config, model=str(tmp_path / "empty.pth")
+    )
+    parts = ["bert", "bert_encoder", "predictor", "text_encoder", "decoder"]
+    torch.save({k: getattr(random_model, k).state_dict() for k in parts}, tmp_path / "kokoro.pth")
+    torch.save(0.1 * torch.randn(510, 1, 256), tmp_path / "voice.pt")
+
+    engine = KokoroTorch(
+        TtsOptions(
+            backend="torch", model=str(tmp_path / "kokoro.pth"), voice=str(tmp_path / "voice.pt")
+        ),
+        g2p=g2p,
+    )
+    assert engine.native_rate == KOKORO_RATE
+    phonemes = g2p("Hi.")
+    out = engine.model(phonemes, engine.pack[len(phonemes) - 1], 1.0, return_output=True)
+    # iSTFTNet: 600 samples at 24 kHz (25 ms) per predicted duration frame.
+    assert len(out.audio) == int(out.pred_dur.sum()) * 600
+    chunks = list(engine.synthesize("Hi."))
+    assert len(chunks) == 1 and chunks[0].dtype == np.float32
+    assert np.isfinite(chunks[0]).all() and np.abs(chunks[0]).max() > 0
+    pcm = b"".join(speak(engine, "Hi.", 8000))
+    assert len(pcm) // 2 == -(-len(chunks[0]) // 3)  # 24 kHz -> 8 kHz, same duration
+
+
+def test_sentence_split() -> None:
+    assert sentences("Hello there! How are you?  Fine.\nBye") == [
+        "Hello there!",
+        "How are you?",
+        "Fine.",
+        "Bye",
+    ]
+
+
+# --- LLM ----------------------------------------------------------------------------------------
+
+
+def test_llm_streams_a_reply_in_pieces(llm: LlamaLlm) -> None:
+    usage = Usage()
+    pieces = list(llm.stream([{"role": "user", "content": "Say hello to Anna."}], usage=usage))
+    assert len(pieces) > 1 and "".join(pieces).strip()
+    assert usage.first_token_s is not None and usage.first_token_s <= usage.total_s
+
+
+def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:
+    usage = Usage()
+    ask = [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}]
+    text = "".join(llm.stream(ask, max_tokens=5, usage=usage))
+    assert usage.completion_tokens <= 5 and usage.finish_reason == "length"
+    full = "".join(llm.stream(ask, max_tokens=60))
+    assert "," in full
+    stopped = "".join(llm.stream(ask, max_tokens=60, stop=(",",)))
+    assert "," not in stopped and stopped.strip() and len(stopped) < len(full)
+    assert text.strip()
+
+
+def test_two_concurrent_conversations_keep_separate_histories(llm: LlamaLlm) -> None:
+    anna = Conversation(
+        llm, system_prompt="You are a helpful assistant. The caller is Anna.", max_tokens=20
+    )
+    bob = Conversation(llm, system_prompt="You are a pirate. The caller is Bob.", max_tokens=20)
+    replies: dict[str, str] = {}
+
+    def talk(name: str, conv: Conversation) -> None:
+        for question in ("Hello, who am I?", "Thanks. Say goodbye."):
+            replies[f"{name}:{question}"] = "".join(conv.reply(question))
+
+    threads = [threading.Thread(target=talk, args=a) for a in (("anna", anna), ("bob", bob))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r.strip() for r in replies.values()) and len(replies) == 4
+    for name, conv in (("anna", anna), ("bob", bob)):
+        assert [m["role"] for m in conv.history] == ["user", "assistant"] * 2
+        assert [m["content"] for m in conv.history[1::2]] == [
+            replies[f"{name}:Hello, who am I?"].strip(),
+            replies[f"{name}:Thanks. Say goodbye."].strip(),
+        ]
+    assert anna.messages("x")[0]["content"].endswith("Anna.")
+    assert bob.messages("x")[0]["content"].endswith("Bob.")
+
+
+def test_history_is_trimmed_to_the_context_window(llm: LlamaLlm) -> None:
+    conv = Conversation(llm, max_tokens=20)
+    long_turn = "word " * 300
+    for _ in range(8):
+        conv.history += [
+            {"role": "user", "content": long_turn},
+            {"role": "assistant", "content": "ok"},
+        ]
+    msgs = conv.messages("What did I say?")
+    assert msgs[0]["role"] == "system" and msgs[-1]["content"] == "What did I say?"
+    assert len(msgs) < 1 + 16 + 1
+    total = sum(llm.count_tokens(m["content"]) for m in msgs)
+    assert total < llm.n_ctx - 20
+    assert "".join(conv.reply("What did I say?")).strip()  # and it still answers
+
+
+def test_float_audio_round_trip_sanity(kokoro: KokoroOnnx) -> None:
+    pcm = b"".join(speak(kokoro, "Yes.", 16000))
+    x = pcm_to_float(pcm)
+    assert np.abs(x).max() <= 1.0 and np.abs(x).max() > 0.05
