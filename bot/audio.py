@@ -68,6 +68,21 @@ def is_silent(pcm: bytes, threshold_dbfs: float = SILENCE_DBFS) -> bool:
     return rms_dbfs(pcm) < threshold_dbfs
 
 
+def leading_silence(
+    pcm: bytes, rate: int, threshold_dbfs: float = -45.0, keep_ms: float = 20.0
+) -> int:
+    """Bytes of near-silence at the start of ``pcm`` (less ``keep_ms``), in 5 ms steps.
+
+    TTS models start an utterance with a few hundred ms of breath; at the start of a reply that
+    is pure latency.
+    """
+    step = 2 * max(1, rate // 200)
+    pos = 0
+    while pos + step <= len(pcm) and rms_dbfs(pcm[pos : pos + step]) < threshold_dbfs:
+        pos += step
+    return max(0, pos - 2 * round(rate * keep_ms / 1000))
+
+
 # --- resampling ---------------------------------------------------------------------------------
 
 
@@ -323,6 +338,8 @@ class Playout:
         self._rate_source = rate_source
         self.stats = PlayoutStats()
         self._idle = asyncio.Event()  # set each time a tick finds nothing to play
+        # Called with the clock time when a stretch of bot audio starts going out (latency marks).
+        self.on_voice_start: Callable[[float], None] | None = None
 
     @property
     def speaking(self) -> bool:
@@ -373,5 +390,7 @@ class Playout:
             stats.last_voiced_at = now
             if stats.voiced_since is None:
                 stats.voiced_since = now
+                if self.on_voice_start is not None:
+                    self.on_voice_start(now)
         await self._send(frame)
         stats.frames += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -71,7 +72,9 @@ class Call:
         self._behaviour = behaviour
         # Overflow policy: the oldest caller audio is dropped (and counted) so the newest,
         # which decides what the caller meant, is never lost behind a stalled consumer.
-        self._inbound: collections.deque[proto.Audio] = collections.deque(maxlen=INBOUND_FRAMES)
+        self._inbound: collections.deque[tuple[float, proto.Audio]] = collections.deque(
+            maxlen=INBOUND_FRAMES
+        )
         self._inbound_ready = asyncio.Event()
         self._rate_known = asyncio.Event()
         self.inbound_dropped = 0
@@ -87,6 +90,10 @@ class Call:
 
     async def next_audio(self) -> proto.Audio:
         """The next 20 ms of caller audio, in order."""
+        return (await self.next_audio_timed())[1]
+
+    async def next_audio_timed(self) -> tuple[float, proto.Audio]:
+        """The next 20 ms of caller audio with its arrival time (``time.monotonic()``)."""
         while not self._inbound:
             self._inbound_ready.clear()
             await self._inbound_ready.wait()
@@ -167,7 +174,7 @@ class Call:
                     self.calllog.event("audio_format", rate=event.rate, frame_bytes=len(event.pcm))
                 if len(self._inbound) == self._inbound.maxlen:
                     self.inbound_dropped += 1
-                self._inbound.append(event)
+                self._inbound.append((time.monotonic(), event))
                 self._inbound_ready.set()
             else:
                 self.dtmf.append(event.digit)
@@ -210,18 +217,3 @@ async def echo(call: Call) -> None:
     while True:
         frame = await call.next_audio()
         await call.play(frame.pcm)
-
-
-BEHAVIOURS: Final[dict[str, Behaviour]] = {"echo": echo}
-
-
-def handler(settings: Settings) -> Callable[[Session], Awaitable[None]]:
-    """The server's per-connection handler for these settings."""
-
-    async def handle(session: Session) -> None:
-        name = settings.server.profile
-        profile = settings.profile(name)
-        call = Call(session, name, profile, settings, behaviour=BEHAVIOURS[profile.kind])
-        await call.run()
-
-    return handle

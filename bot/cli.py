@@ -61,12 +61,18 @@ def _load_settings(args: argparse.Namespace) -> config.Settings:
 
 
 async def _serve(settings: config.Settings) -> None:
-    from .call import handler
+    from .app import handler, load_assets
+    from .engines import EngineError
     from .server import AudioSocketServer, Timeouts
 
     s = settings.server
+    try:
+        # Every engine is loaded and warmed before the server says it is ready.
+        assets = await load_assets(settings, lambda m: print(m, file=sys.stderr, flush=True))
+    except EngineError as exc:
+        _die(f"cannot start: {exc}", 1)
     server = AudioSocketServer(
-        handler(settings),
+        handler(settings, assets),
         host=s.host,
         port=s.port,
         timeouts=Timeouts(uuid=s.uuid_timeout, idle=s.idle_timeout, write=s.write_timeout),
@@ -301,6 +307,18 @@ async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "calls":
+        from . import bench_calls
+
+        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+        result = bench_calls.run(
+            args.calls[0] if args.calls != [1, 20] else 8,
+            args.concurrency,
+            env=env,
+            progress=not args.json,
+        )
+        print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
+        return 0
     if args.what == "engines":
         from . import bench_engines
 
@@ -456,17 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=["pacing", "engines"],
-        help="pacing: outbound frame timing on echo; engines: each speech engine",
+        nargs="?",
+        choices=["calls", "pacing", "engines"],
+        default="calls",
+        help="calls (default): simulated conversations through the real models, response "
+        "latency; pacing: outbound frame timing on echo; engines: each speech engine",
     )
-    bench.add_argument("--config", help="TOML settings file (engines: which models)")
+    bench.add_argument("--config", help="TOML settings file (which models, turn settings)")
     bench.add_argument(
         "--calls",
         type=int,
         nargs="+",
         default=[1, 20],
-        help="concurrent calls per run (default: 1 then 20)",
+        help="pacing: concurrent calls per run (default: 1 then 20); calls: how many (8)",
     )
+    bench.add_argument("--concurrency", type=int, default=1, help="calls: calls at a time")
     bench.add_argument("--seconds", type=float, default=10.0)
     bench.add_argument(
         "--calls-dir",

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from .engines.llm import DEFAULT_SYSTEM_PROMPT
+
 ENV_PREFIX: Final = "VOICEBOT_"
 # VOICEBOT_* variables that are not settings: the config file itself, and set-up/test paths.
 NOT_SETTINGS: Final = frozenset(
@@ -51,7 +53,7 @@ def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
 class ServerSettings:
     host: str = _setting("127.0.0.1", _nonempty, "address to listen on (0.0.0.0 for all)")
     port: int = _setting(DEFAULT_PORT, _range(0, 65535), "AudioSocket TCP port (0: any free one)")
-    profile: str = _setting("echo", _nonempty, "profile a call gets")
+    profile: str = _setting("assistant", _nonempty, "profile a call gets (echo: diagnostics)")
     uuid_timeout: float = _setting(5.0, _range(0.1, 60), "seconds a new connection may stay silent")
     idle_timeout: float = _setting(
         10.0, _range(0.5, 3600), "seconds without a frame from Asterisk before the call ends"
@@ -109,8 +111,35 @@ class EchoProfile:
     delay_ms: int = _setting(500, _range(0, 10000), "delay before the caller hears themselves")
 
 
-PROFILE_KINDS: Final[dict[str, type[Any]]] = {"echo": EchoProfile}
-Profile = EchoProfile
+@dataclass(frozen=True, slots=True)
+class AssistantProfile:
+    """The voicebot: listens, understands, thinks and speaks."""
+
+    kind: str = _setting("assistant")
+    system_prompt: str = _setting(DEFAULT_SYSTEM_PROMPT, _nonempty, "who the bot is")
+    greeting: str = _setting("Hello! How can I help you today?", None, "said when a call connects")
+    barge_in: bool = _setting(False, None, "caller speech stops the bot while it talks")
+
+
+PROFILE_KINDS: Final[dict[str, type[Any]]] = {"echo": EchoProfile, "assistant": AssistantProfile}
+Profile = EchoProfile | AssistantProfile
+
+
+@dataclass(frozen=True, slots=True)
+class TurnSettingsConfig:
+    """Turn detection (see bot/turns.py)."""
+
+    vad: str = _setting("webrtc", _one_of("webrtc", "silero"), "voice activity detector")
+    vad_mode: int = _setting(3, _range(0, 3), "webrtcvad aggressiveness (3: strictest)")
+    onset_ms: int = _setting(60, _range(20, 1000), "voiced audio that starts a turn")
+    pre_roll_ms: int = _setting(300, _range(0, 2000), "audio kept from before the onset")
+    pause_ms: int = _setting(160, _range(20, 2000), "silence that starts speculative STT")
+    hangover_ms: int = _setting(500, _range(100, 5000), "silence that ends a turn")
+    hangover_complete_ms: int = _setting(300, _range(100, 5000), "... after a complete sentence")
+    hangover_incomplete_ms: int = _setting(900, _range(100, 5000), "... after a trailing word")
+    min_speech_ms: int = _setting(200, _range(20, 5000), "shorter turns are noise")
+    max_utterance_s: float = _setting(15.0, _range(1, 120), "a longer turn ends at once")
+    barge_in_ms: int = _setting(200, _range(60, 2000), "caller speech that stops the bot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +148,10 @@ class Settings:
     playout: PlayoutSettings = field(default_factory=PlayoutSettings)
     calls: CallLogSettings = field(default_factory=CallLogSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
-    profiles: Mapping[str, Profile] = field(default_factory=lambda: {"echo": EchoProfile()})
+    turns: TurnSettingsConfig = field(default_factory=TurnSettingsConfig)
+    profiles: Mapping[str, Profile] = field(
+        default_factory=lambda: {"echo": EchoProfile(), "assistant": AssistantProfile()}
+    )
 
     def profile(self, name: str) -> Profile:
         try:
@@ -133,6 +165,7 @@ SECTIONS: Final = {
     "playout": PlayoutSettings,
     "calls": CallLogSettings,
     "models": ModelSettings,
+    "turns": TurnSettingsConfig,
 }
 _TYPES: Final = {"int": int, "float": float, "str": str, "bool": bool}
 _TRUE: Final = {"1", "true", "yes", "on"}
@@ -196,7 +229,7 @@ def _merge_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             profiles = _table(data, "profiles")
             name_key = rest[len("profiles_") :]
             # Longest name first: profile names may contain underscores themselves.
-            known = sorted({*profiles, "echo"}, key=len, reverse=True)
+            known = sorted({*profiles, *PROFILE_KINDS}, key=len, reverse=True)
             name = next((n for n in known if name_key.startswith(n + "_")), None)
             if name is None:
                 raise ConfigError(f"{var}: names no defined profile")
@@ -231,12 +264,12 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if key not in SECTIONS and key != "profiles":
             raise ConfigError(f"{key}: unknown section (known: {', '.join(SECTIONS)}, profiles)")
 
-    profiles: dict[str, Profile] = {"echo": EchoProfile()}
+    profiles: dict[str, Profile] = {"echo": EchoProfile(), "assistant": AssistantProfile()}
     for name, values in _table(data, "profiles").items():
         prefix = f"profiles.{name}"
         if not isinstance(values, Mapping):
             raise ConfigError(f"{prefix}: expected a table, got {values!r}")
-        kind = values.get("kind", "echo" if name == "echo" else None)
+        kind = values.get("kind", name if name in PROFILE_KINDS else None)
         if kind not in PROFILE_KINDS:
             raise ConfigError(
                 f"{prefix}.kind: must be one of {', '.join(PROFILE_KINDS)}, got {kind!r}"
@@ -248,6 +281,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         playout=_build(PlayoutSettings, "playout", _table(data, "playout")),
         calls=_build(CallLogSettings, "calls", _table(data, "calls")),
         models=_build(ModelSettings, "models", _table(data, "models")),
+        turns=_build(TurnSettingsConfig, "turns", _table(data, "turns")),
         profiles=profiles,
     )
     if settings.server.profile not in settings.profiles:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bot import config
-from bot.call import handler
+from bot.app import handler
 from bot.server import AudioSocketServer, Handler, Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,9 @@ def calls_dir(tmp_path: Path) -> Path:
 
 
 def make_settings(calls_dir: Path, **env: str) -> config.Settings:
-    return config.load(None, {"VOICEBOT_CALLS_DIR": str(calls_dir), **env})
+    """Settings for in-process servers: the echo profile unless a test asks for another."""
+    defaults = {"VOICEBOT_CALLS_DIR": str(calls_dir), "VOICEBOT_SERVER_PROFILE": "echo"}
+    return config.load(None, {**defaults, **env})
 
 
 @contextlib.asynccontextmanager

@@ -18,7 +18,8 @@ def test_defaults_are_safe() -> None:
     s = config.load(None, {})
     assert s.server.host == "127.0.0.1"  # never listen on every interface unless told to
     assert s.server.port == 9092
-    assert s.server.profile == "echo" and s.profile("echo").delay_ms == 500
+    assert s.server.profile == "assistant" and s.profile("echo").delay_ms == 500
+    assert s.profile("assistant").barge_in is False and s.turns.vad == "webrtc"
     assert s.playout.lead_frames == 3
 
 
@@ -53,7 +54,11 @@ def test_file_then_environment(tmp_path: Path) -> None:
         ("[server]\nport = true\n", {}, "server.port: expected int, got True"),
         ("[server]\nhost = ''\n", {}, "server.host: must not be empty"),
         ("[server]\nprofile = 'nope'\n", {}, "server.profile: 'nope' is not defined"),
-        ("[profiles.x]\nkind = 'robot'\n", {}, "profiles.x.kind: must be one of echo, got 'robot'"),
+        (
+            "[profiles.x]\nkind = 'robot'\n",
+            {},
+            "profiles.x.kind: must be one of echo, assistant, got 'robot'",
+        ),
         ("[profiles.echo]\ndelay_ms = -1\n", {}, "profiles.echo.delay_ms: must be between 0 and"),
         ("[server\n", {}, "not valid TOML"),
         ("", {"VOICEBOT_SERVER_PORT": "nine"}, "server.port: expected int, got 'nine'"),
@@ -124,3 +129,24 @@ def test_model_settings_and_packs() -> None:
         config.load(None, {"VOICEBOT_MODELS_PACK": "huge"})
     with pytest.raises(ConfigError, match="models.tts_backend: must be one of onnx, torch"):
         config.load(None, {"VOICEBOT_MODELS_TTS_BACKEND": "tensorflow"})
+
+
+def test_assistant_profiles_and_turn_settings(tmp_path: Path) -> None:
+    f = tmp_path / "bot.toml"
+    f.write_text(
+        '[profiles.llama2]\nkind = "assistant"\ngreeting = "Hi, Llama two here."\n'
+        'barge_in = true\n[turns]\nvad = "silero"\nhangover_ms = 700\n'
+    )
+    s = config.load(f, {"VOICEBOT_PROFILES_LLAMA2_SYSTEM_PROMPT": "You are terse."})
+    p = s.profile("llama2")
+    assert (p.kind, p.greeting, p.barge_in, p.system_prompt) == (
+        "assistant",
+        "Hi, Llama two here.",
+        True,
+        "You are terse.",
+    )
+    assert (s.turns.vad, s.turns.hangover_ms, s.turns.pause_ms) == ("silero", 700, 160)
+    with pytest.raises(ConfigError, match="turns.vad: must be one of webrtc, silero, got 'x'"):
+        config.load(None, {"VOICEBOT_TURNS_VAD": "x"})
+    with pytest.raises(ConfigError, match="profiles.assistant.barge_in: expected bool"):
+        config.load(None, {"VOICEBOT_PROFILES_ASSISTANT_BARGE_IN": "maybe"})

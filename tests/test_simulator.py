@@ -198,7 +198,7 @@ def test_voicebot_serve_and_call_commands_end_to_end(tmp_path: Path) -> None:
         "PYTHONUNBUFFERED": "1",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve", "--port", "0"],
+        [sys.executable, "-m", "bot", "serve", "--port", "0", "--profile", "echo"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -47,6 +47,11 @@ class SttOptions:
     compute_type: str = "int8"
     threads: int = 2
     language: str | None = "en"
+    # Whisper pads every input to 30 s, which is most of its cost for a 1-3 s phone turn. An
+    # utterance shorter than this window is encoded padded to the window only (10 s measured
+    # as fast as 3x with no more word errors; below ~7 s Whisper starts repeating itself).
+    # 0 disables the short path.
+    window_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,9 @@ class WhisperStt:
         except Exception as exc:
             raise ModelUnavailable(f"cannot load Whisper model {name!r}: {exc}") from exc
         self._lock = threading.Lock()
+        self._short: _ShortWindow | None = None
+        if self.options.window_s:
+            self._short = _ShortWindow(self._model, self.options)
 
     def transcribe(self, pcm: bytes, rate: int) -> Transcript:
         """Transcribes 16-bit mono PCM at ``rate``; blocking."""
@@ -95,6 +103,14 @@ class WhisperStt:
             audio = resample(audio, rate, WHISPER_RATE)
         audio = np.ascontiguousarray(audio, dtype=np.float32)
         o = self.options
+        window = self.options.window_s
+        if self._short is not None and len(audio) / WHISPER_RATE <= window - 0.5:
+            try:
+                with self._lock:
+                    text = self._short.transcribe(audio)
+            except Exception as exc:
+                raise EngineFailed(f"Whisper failed: {exc}") from exc
+            return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, o.language)
         try:
             with self._lock:  # one decode at a time per model: CTranslate2 uses all its threads
                 segments, info = self._model.transcribe(
@@ -109,3 +125,40 @@ class WhisperStt:
         except Exception as exc:
             raise EngineFailed(f"Whisper failed: {exc}") from exc
         return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, info.language)
+
+
+class _ShortWindow:
+    """Whisper on a short window: the same features, encoder and greedy/beam decoder that
+    faster-whisper drives, without padding a 2 s utterance to 30 s."""
+
+    def __init__(self, model: Any, options: SttOptions) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        self._model = model
+        self._frames = int(options.window_s * 100)  # 10 ms hop
+        self._tokenizer = Tokenizer(
+            model.hf_tokenizer,
+            model.model.is_multilingual,
+            task="transcribe",
+            language=options.language or "en",
+        )
+        self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        self._suppress = list(get_suppressed_tokens(self._tokenizer, (-1,)) or ())
+        self._beam = options.beam_size
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        samples = self._frames * 160
+        padded = np.zeros(samples, dtype=np.float32)
+        padded[: min(len(audio), samples)] = audio[:samples]
+        features = self._model.feature_extractor(padded, padding=0)[:, : self._frames]
+        encoded = self._model.encode(np.ascontiguousarray(features))
+        result = self._model.model.generate(
+            encoded,
+            [self._prompt],
+            beam_size=self._beam,
+            max_length=min(448, len(self._prompt) + 200),
+            suppress_blank=True,
+            suppress_tokens=self._suppress,
+        )[0]
+        return str(self._tokenizer.decode(result.sequences_ids[0])).strip()

@@ -1,0 +1,452 @@
+"""The conversation: listen, understand, think and speak, streaming at every stage.
+
+Theory of operation
+-------------------
+The behaviour reads caller frames from the call, feeds the :class:`~bot.turns.TurnDetector`,
+and reacts to its events:
+
+- ``Paused``: transcribe the utterance so far *speculatively*, while the caller may still go on.
+  The transcript also tells the detector whether the words form a complete turn (adaptive
+  hangover). ``Resumed`` makes the speculation stale.
+- ``EndOfTurn``: use the speculative transcript if no voiced frame came after it, else
+  transcribe now; then start the reply as one task.
+- The reply task streams LLM tokens (in a worker thread) into a clause splitter; each clause
+  goes to TTS as soon as it is complete (the first one short), and audio chunks go to the
+  playout buffer as they are synthesized, while the LLM goes on.
+- The half-duplex gate is closed while the playout clock is actually writing the bot's audio,
+  plus an echo tail; barge-in (optional) cancels the reply task, drops unplayed audio and keeps
+  the caller's words as the next turn.
+
+Every turn is logged with its transcript, reply and latency marks in ms from ``speech_end``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from .audio import leading_silence, resample_pcm
+from .call import Call
+from .config import AssistantProfile, Settings
+from .engines.llm import Conversation as Dialogue
+from .engines.llm import Usage
+from .engines.stack import Engines
+from .engines.stt import Transcript
+from .engines.tts import speak
+from .turns import (
+    BargeIn,
+    Discarded,
+    EndOfTurn,
+    Paused,
+    Resumed,
+    SileroVad,
+    SpeechStarted,
+    TurnDetector,
+    TurnSettings,
+    Vad,
+    WebRtcVad,
+    looks_complete,
+)
+
+log = logging.getLogger(__name__)
+
+ECHO_TAIL: Final = (
+    0.25  # seconds after the bot's last voiced frame during which the gate stays shut
+)
+MARKS: Final = (
+    "speech_end",
+    "endpoint",
+    "stt_done",
+    "llm_first_token",
+    "first_clause",
+    "tts_first_audio",
+    "first_frame_out",
+)
+T = TypeVar("T")
+
+
+# --- clause splitting ---------------------------------------------------------------------------
+
+_CUT_FIRST: Final = re.compile(r"[,;:.!?](?=\s)|[.!?]$")
+_CUT_LATER: Final = re.compile(r"[.!?;:](?=\s)|[.!?]$")
+
+
+class ClauseSplitter:
+    """Cuts a token stream into clauses for TTS: the first one short, later ones sentences.
+
+    The first clause ends at the first ``, ; : . ! ?`` (after ``first_min_words`` words), or at a
+    word boundary once it has ``first_max_words`` words: the sooner it is complete, the sooner the
+    caller hears something, and TTS time grows with its length. Later clauses end at sentence
+    punctuation, or at a comma once they reach ``max_words``.
+    """
+
+    def __init__(
+        self, first_min_words: int = 1, first_max_words: int = 5, max_words: int = 12
+    ) -> None:
+        self.first_min_words = first_min_words
+        self.first_max_words = first_max_words
+        self.max_words = max_words
+        self._buf = ""
+        self._first = True
+
+    def feed(self, piece: str) -> list[str]:
+        self._buf += piece
+        out: list[str] = []
+        while True:
+            cut = self._find_cut()
+            if cut is None:
+                return out
+            clause, self._buf = self._buf[:cut].strip(), self._buf[cut:]
+            if clause:
+                out.append(clause)
+                self._first = False
+
+    def flush(self) -> str | None:
+        clause, self._buf = self._buf.strip(), ""
+        return clause or None
+
+    def _find_cut(self) -> int | None:
+        pattern = _CUT_FIRST if self._first else _CUT_LATER
+        for m in pattern.finditer(self._buf):
+            if self._first and len(self._buf[: m.end()].split()) < self.first_min_words:
+                continue
+            return m.end()
+        words = self._buf.split()
+        if self._first and len(words) > self.first_max_words:
+            # Cut after first_max_words whole words (a word is whole once the next one began).
+            end = 0
+            for word in words[: self.first_max_words]:
+                end = self._buf.index(word, end) + len(word)
+            return end
+        if not self._first and len(words) > self.max_words:
+            comma = self._buf.rfind(", ")
+            if comma > 0:
+                return comma + 1
+        return None
+
+
+# --- running blocking generators in threads -----------------------------------------------------
+
+
+async def iterate_in_thread(executor: ThreadPoolExecutor, make: Callable[[], Iterator[T]]) -> Any:
+    """Yields the items of a blocking generator run in ``executor``; cancelling stops it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in make():
+                if stop.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+        except BaseException as exc:  # handed to the awaiting side, which re-raises it
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    future = loop.run_in_executor(executor, run)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        # The worker stops after its current item. Not waited for: a hang-up must not wait on
+        # an engine in the middle of a step (the engine's own lock keeps the next user out).
+        stop.set()
+        future.add_done_callback(lambda f: f.exception())
+
+
+# --- per-process assets -------------------------------------------------------------------------
+
+
+class Assets:
+    """Engines and per-profile audio shared by every call of the process."""
+
+    def __init__(self, settings: Settings, engines: Engines, executor: ThreadPoolExecutor) -> None:
+        self.settings = settings
+        self.engines = engines
+        self.executor = executor
+        self.greetings: dict[tuple[str, int], bytes] = {}
+
+    def prepare(self) -> None:
+        """Synthesizes every assistant profile's greeting at 8 and 16 kHz (once, at start)."""
+        tts = self.engines.tts
+        for name, profile in self.settings.profiles.items():
+            if isinstance(profile, AssistantProfile) and profile.greeting:
+                pcm = b"".join(speak(tts, profile.greeting, 16000))
+                self.greetings[(name, 16000)] = pcm
+                self.greetings[(name, 8000)] = resample_pcm(pcm, 16000, 8000)
+
+    def vad(self) -> Vad:
+        return (
+            SileroVad()
+            if self.settings.turns.vad == "silero"
+            else WebRtcVad(self.settings.turns.vad_mode)
+        )
+
+
+# --- the behaviour ------------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    index: int
+    marks: dict[str, float] = field(default_factory=dict)  # monotonic times
+    transcript: str = ""
+    reply: str = ""
+    stt_speculative: bool = False
+    interrupted: bool = False
+
+    def mark(self, name: str, t: float | None = None) -> None:
+        self.marks.setdefault(name, time.monotonic() if t is None else t)
+
+    def relative_ms(self) -> dict[str, float]:
+        base = self.marks.get("speech_end")
+        if base is None:
+            return {}
+        return {
+            k: round((v - base) * 1000, 1)
+            for k, v in sorted(self.marks.items(), key=lambda kv: kv[1])
+        }
+
+
+class Assistant:
+    """One call's conversation (profile kind ``assistant``)."""
+
+    def __init__(self, call: Call, assets: Assets) -> None:
+        profile = call.profile
+        assert isinstance(profile, AssistantProfile)
+        self.call = call
+        self.profile = profile
+        self.assets = assets
+        self.engines = assets.engines
+        self.dialogue = Dialogue(
+            self.engines.llm,
+            system_prompt=profile.system_prompt,
+            max_tokens=assets.settings.models.llm_max_tokens,
+        )
+        t = assets.settings.turns
+        self.turn_settings = TurnSettings(
+            onset_ms=t.onset_ms,
+            pre_roll_ms=t.pre_roll_ms,
+            pause_ms=t.pause_ms,
+            hangover_ms=t.hangover_ms,
+            hangover_complete_ms=t.hangover_complete_ms,
+            hangover_incomplete_ms=t.hangover_incomplete_ms,
+            min_speech_ms=t.min_speech_ms,
+            max_utterance_s=t.max_utterance_s,
+            barge_in=profile.barge_in,
+            barge_in_ms=t.barge_in_ms,
+        )
+        self._speculation: tuple[int, asyncio.Task[tuple[Transcript, float]]] | None = None
+        self._reply: asyncio.Task[None] | None = None
+        self._turn: Turn | None = None
+        self._turns = 0
+        self._carry = ""  # words of a turn whose reply was cut off before it was heard
+        call.playout.on_voice_start = self._on_voice_start
+
+    def _on_voice_start(self, t: float) -> None:
+        if self._turn is not None and "first_frame_out" not in self._turn.marks:
+            self._turn.mark("first_frame_out", t)
+
+    def _gated(self, now: float) -> bool:
+        p = self.call.playout
+        last = p.stats.last_voiced_at
+        return p.speaking or (last is not None and now - last < ECHO_TAIL)
+
+    async def run(self) -> None:
+        call = self.call
+        first_t, first = await call.next_audio_timed()
+        greeting = self.assets.greetings.get((call.profile_name, first.rate))
+        if greeting:
+            await call.play(greeting)
+            call.calllog.event("greeting", text=self.profile.greeting)
+        detector = TurnDetector(self.assets.vad(), first.rate, self.turn_settings)
+        frame: tuple[float, Any] | None = (first_t, first)
+        try:
+            while True:
+                t, audio = frame if frame is not None else await call.next_audio_timed()
+                frame = None
+                for event in detector.feed(audio.pcm, t, gated=self._gated(t)):
+                    await self._on_event(event, detector)
+        finally:
+            await self._cancel_reply()
+            if self._speculation is not None:
+                self._speculation[1].cancel()
+
+    async def _on_event(self, event: Any, detector: TurnDetector) -> None:
+        if isinstance(event, BargeIn):
+            dropped = self.call.buffer.clear()
+            await self._cancel_reply(interrupted=True)
+            self.call.calllog.event(
+                "barge_in", dropped_ms=round(dropped / 2 / self.call.rate * 1000)
+            )
+        elif isinstance(event, SpeechStarted):
+            if self._reply is not None and not self._reply.done():
+                heard = self._turn is not None and "first_frame_out" in self._turn.marks
+                if not heard and self._turn is not None:
+                    # The caller went on before hearing anything: fold both into one turn.
+                    self._carry = f"{self._carry} {self._turn.transcript}".strip()
+                await self._cancel_reply()
+        elif isinstance(event, Paused):
+            self._speculate(event, detector)
+        elif isinstance(event, Resumed):
+            if self._speculation is not None:
+                self._speculation[1].cancel()
+                self._speculation = None
+        elif isinstance(event, Discarded):
+            self.call.calllog.event("turn_discarded", reason=event.reason)
+        elif isinstance(event, EndOfTurn):
+            await self._end_of_turn(event)
+
+    async def _transcribe(self, audio: bytes) -> tuple[Transcript, float]:
+        loop = asyncio.get_running_loop()
+        heard = await loop.run_in_executor(
+            self.assets.executor, self.engines.stt.transcribe, audio, self.call.rate
+        )
+        return heard, time.monotonic()
+
+    def _speculate(self, paused: Paused, detector: TurnDetector) -> None:
+        if self._speculation is not None:
+            self._speculation[1].cancel()
+        task = asyncio.create_task(
+            self._transcribe(paused.audio), name=f"{self.call.session.uuid}-stt-speculative"
+        )
+
+        def hint(done: asyncio.Task[tuple[Transcript, float]]) -> None:
+            if not done.cancelled() and done.exception() is None and detector.in_speech:
+                detector.hint_complete(looks_complete(done.result()[0].text))
+
+        task.add_done_callback(hint)
+        self._speculation = (paused.voiced_frames, task)
+
+    async def _end_of_turn(self, end: EndOfTurn) -> None:
+        self._turns += 1
+        turn = Turn(self._turns)
+        turn.mark("speech_end", end.speech_end)
+        turn.mark("endpoint", end.t)
+        spec = self._speculation
+        self._speculation = None
+        if spec is not None and spec[0] == end.voiced_frames:
+            # No voiced frame since the pause: the speculative transcript covers the turn.
+            transcript, done_t = await spec[1]
+            turn.stt_speculative = True
+            turn.mark("stt_done", done_t)
+        else:
+            if spec is not None:
+                spec[1].cancel()
+            transcript, done_t = await self._transcribe(end.audio)
+            turn.mark("stt_done", done_t)
+        text = f"{self._carry} {transcript.text}".strip()
+        self._carry = ""
+        turn.transcript = text
+        if not text or not re.search(r"\w", text):
+            self.call.calllog.event(
+                "turn_discarded",
+                reason="no words recognised",
+                audio_s=round(transcript.audio_seconds, 2),
+            )
+            return
+        await self._cancel_reply()
+        self._turn = turn
+        self._reply = asyncio.create_task(
+            self._respond(turn), name=f"{self.call.session.uuid}-reply-{turn.index}"
+        )
+
+    async def _cancel_reply(self, *, interrupted: bool = False) -> None:
+        task, self._reply = self._reply, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if interrupted and self._turn is not None:
+            self._turn.interrupted = True
+
+    def _speaker(self, text: str, rate: int) -> Callable[[], Iterator[bytes]]:
+        return lambda: speak(self.engines.tts, text, rate)
+
+    async def _respond(self, turn: Turn) -> None:
+        call = self.call
+        executor = self.assets.executor
+        splitter = ClauseSplitter()
+        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        usage = Usage()
+        pieces: list[str] = []
+        # On 2 cores the LLM decoding on and the TTS synthesizing the first clause slow each
+        # other down; the first clause is what the caller waits for, so the LLM pauses between
+        # tokens from the first clause until its first audio is out.
+        llm_may_run = threading.Event()
+        llm_may_run.set()
+
+        def tokens() -> Iterator[str]:
+            for piece in self.dialogue.reply(turn.transcript, usage=usage):
+                llm_may_run.wait(2.0)
+                yield piece
+
+        async def think() -> None:
+            try:
+                async with contextlib.aclosing(iterate_in_thread(executor, tokens)) as stream:
+                    async for piece in stream:
+                        turn.mark("llm_first_token")
+                        pieces.append(piece)
+                        for clause in splitter.feed(piece):
+                            if "first_clause" not in turn.marks:
+                                turn.mark("first_clause")
+                                llm_may_run.clear()
+                            clauses.put_nowait(clause)
+                rest = splitter.flush()
+                if rest:
+                    turn.mark("first_clause")
+                    clauses.put_nowait(rest)
+            finally:
+                clauses.put_nowait(None)
+
+        async def talk() -> None:
+            rate = call.rate
+            started = False
+            while (clause := await clauses.get()) is not None:
+                audio = iterate_in_thread(executor, self._speaker(clause, rate))
+                async with contextlib.aclosing(audio):
+                    async for pcm in audio:
+                        if not started:
+                            pcm = pcm[leading_silence(pcm, rate) :]  # the model's breath is latency
+                            if not pcm:
+                                continue
+                            started = True
+                            turn.mark("tts_first_audio")
+                            llm_may_run.set()
+                        await call.play(pcm)
+            llm_may_run.set()
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
+                tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
+            await call.playout.drain()
+        finally:
+            turn.reply = "".join(pieces).strip()
+            call.calllog.event(
+                "turn",
+                index=turn.index,
+                transcript=turn.transcript,
+                reply=turn.reply,
+                stt_speculative=turn.stt_speculative,
+                interrupted=turn.interrupted or asyncio.current_task().cancelling() > 0,  # type: ignore[union-attr]
+                llm_tokens=usage.completion_tokens,
+                marks_ms=turn.relative_ms(),
+            )

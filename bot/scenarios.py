@@ -1,0 +1,115 @@
+"""Caller turns for benchmarks and end-to-end tests, generated rather than shipped as WAVs.
+
+Voices other than the bot's: Piper's en_US-joe-medium (a neural TTS voice) and, where Debian's
+``espeak-ng`` is installed, espeak-ng voices. Every turn is made phone-band (8 kHz, 300-3400 Hz);
+some get background noise, some a pause in the middle of the sentence (which must not make the
+bot answer early).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from .audio import float_to_pcm, pcm_to_float, read_wav, resample
+
+QUESTIONS: Final = (
+    "What time do you open tomorrow?",
+    "Can you tell me a fun fact about the moon?",
+    "I would like to book a table for two, tonight at eight.",
+    "What is the capital of France?",
+    "How do I reset my password?",
+    "Is it going to rain this weekend?",
+    "Could you recommend a good book, please?",
+    "My order has not arrived yet, what should I do?",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    turns: tuple[bytes, ...]  # 8 kHz PCM, one per caller turn
+    texts: tuple[str, ...]
+
+
+def phone_band(samples: np.ndarray, rate: int) -> np.ndarray:
+    """8 kHz, 300-3400 Hz, like a G.711 call."""
+    x = resample(samples, rate, 8000) if rate != 8000 else samples.astype(np.float32)
+    spectrum = np.fft.rfft(x)
+    freqs = np.fft.rfftfreq(len(x), 1 / 8000)
+    spectrum[(freqs < 300) | (freqs > 3400)] = 0
+    out: np.ndarray = np.fft.irfft(spectrum, len(x)).astype(np.float32)
+    return out
+
+
+def with_noise(x: np.ndarray, dbfs: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(len(x)).astype(np.float32) * (10 ** (dbfs / 20))
+    out: np.ndarray = np.clip(x + noise, -1, 1)
+    return out
+
+
+class Voices:
+    def __init__(self) -> None:
+        from .engines.tts import PiperTts
+
+        self.piper = PiperTts(progress=False)
+        self.espeak = shutil.which("espeak-ng")
+
+    def say(self, text: str, voice: str) -> np.ndarray:
+        """8 kHz phone-band float audio of ``text``."""
+        if voice == "piper":
+            chunks = list(self.piper.synthesize(text))
+            return phone_band(np.concatenate(chunks), self.piper.native_rate)
+        if self.espeak is None:
+            raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "turn.wav"
+            subprocess.run(
+                [self.espeak, "-v", voice, "-s", "160", "-w", str(wav), text],
+                check=True,
+                capture_output=True,
+            )
+            x = pcm_to_float(read_wav(str(wav), 16000))
+        return phone_band(x, 16000)
+
+
+def generate(count: int = 8, *, seed: int = 1) -> list[Scenario]:
+    """``count`` two-turn calls mixing voices, noise and mid-sentence pauses."""
+    voices = Voices()
+    names = ["piper"] + (["en-us+m3", "en-us+f2"] if voices.espeak else [])
+    out = []
+    for i in range(count):
+        voice = names[i % len(names)]
+        texts = (QUESTIONS[i % len(QUESTIONS)], QUESTIONS[(i + 3) % len(QUESTIONS)])
+        turns = []
+        variants = []
+        for j, text in enumerate(texts):
+            if (i + j) % 3 == 2 and "," in text:
+                # A 400 ms pause mid-sentence, where a caller takes a breath.
+                head, tail = text.split(",", 1)
+                x = np.concatenate(
+                    [
+                        voices.say(head + ",", voice),
+                        np.zeros(3200, np.float32),
+                        voices.say(tail.strip(), voice),
+                    ]
+                )
+                variants.append("pause")
+            else:
+                x = voices.say(text, voice)
+            if (i + j) % 4 == 1:
+                x = with_noise(x, -40.0, seed + i * 10 + j)
+                variants.append("noise")
+            # A little silence around the speech, as a phone line has.
+            x = np.concatenate([np.zeros(800, np.float32), x, np.zeros(800, np.float32)])
+            turns.append(float_to_pcm(x))
+        name = f"call{i + 1}-{voice}" + ("-" + "-".join(sorted(set(variants))) if variants else "")
+        out.append(Scenario(name, tuple(turns), texts))
+    return out

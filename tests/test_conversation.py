@@ -1,0 +1,341 @@
+"""The conversation loop with engine doubles at the engine boundary, through the real server and
+the caller simulator: speculative STT, streaming reply, gate, barge-in, greeting, hang-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bot.app import handler
+from bot.calllog import list_calls, read_call
+from bot.config import Settings
+from bot.conversation import MARKS, Assets, ClauseSplitter, iterate_in_thread
+from bot.engines.llm import LlmOptions, Usage
+from bot.engines.stt import Transcript
+from bot.simulator import CallerSimulator
+
+from .conftest import make_settings, running_server, wait_until
+
+VOICED = b"\x01\x40" * 160  # first byte 1: the scripted VAD's speech; loud for the simulator
+QUIET = bytes(320)
+
+
+def speech(seconds: float) -> bytes:
+    return VOICED * round(seconds / 0.02)
+
+
+def pause(seconds: float) -> bytes:
+    return QUIET * round(seconds / 0.02)
+
+
+class ScriptedVad:
+    def is_speech(self, pcm: bytes, rate: int) -> bool:
+        return pcm[0] == 1
+
+
+@dataclass
+class FakeStt:
+    """Names what it heard by its length, so a test can tell partial from whole turns."""
+
+    calls: list[float] = field(default_factory=list)
+    hold: threading.Event | None = None
+
+    def transcribe(self, pcm: bytes, rate: int) -> Transcript:
+        if self.hold is not None:
+            self.hold.wait(10)
+        seconds = len(pcm) / 2 / rate
+        self.calls.append(seconds)
+        # No final punctuation: the detector cannot tell if the turn is complete (default hangover).
+        return Transcript(f"I spoke for {seconds:.1f} seconds", seconds, 0.01)
+
+
+class FakeLlm:
+    def __init__(self, words: str = "Sure, here is the answer you wanted.") -> None:
+        self.options = LlmOptions(max_tokens=50)
+        self.n_ctx = 2048
+        self.words = words.split(" ")
+        self.hold: threading.Event | None = None
+        self.prompts: list[list[dict[str, str]]] = []
+        self.stopped_early = threading.Event()
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        stop: Any = None,
+        usage: Usage | None = None,
+    ) -> Iterator[str]:
+        self.prompts.append(messages)
+        finished = False
+        try:
+            for i, word in enumerate(self.words):
+                if self.hold is not None:
+                    self.hold.wait(10)
+                if usage is not None:
+                    usage.completion_tokens += 1
+                    usage.first_token_s = usage.first_token_s or 0.01
+                yield word if i == 0 else " " + word
+            finished = True
+        finally:
+            if not finished:
+                self.stopped_early.set()
+
+
+class FakeTts:
+    """A loud tone, 60 ms per word, in one chunk per clause."""
+
+    native_rate = 8000
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.hold: threading.Event | None = None
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        if self.hold is not None:
+            self.hold.wait(10)
+        self.texts.append(text)
+        n = round(0.06 * 8000 * len(text.split()))
+        yield (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
+
+
+@dataclass
+class FakeEngines:
+    stt: FakeStt = field(default_factory=FakeStt)
+    llm: FakeLlm = field(default_factory=FakeLlm)
+    tts: FakeTts = field(default_factory=FakeTts)
+
+
+class ScriptedAssets(Assets):
+    def vad(self) -> Any:
+        return ScriptedVad()
+
+
+def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, ScriptedAssets]:
+    defaults = {"VOICEBOT_SERVER_PROFILE": "assistant", "VOICEBOT_PROFILES_ASSISTANT_GREETING": ""}
+    settings = make_settings(calls_dir, **{**defaults, **env})
+    engines = FakeEngines()
+    assets = ScriptedAssets(settings, engines, ThreadPoolExecutor(8))  # type: ignore[arg-type]
+    return settings, engines, assets
+
+
+def call_events(calls_dir: Path) -> list[dict[str, Any]]:
+    [folder] = list(list_calls(calls_dir))
+    return read_call(folder).events
+
+
+def run_call(settings: Settings, assets: Assets, turns: list[bytes], **kw: Any) -> CallerSimulator:
+    async def main() -> CallerSimulator:
+        async with running_server(settings, handler(settings, assets)) as server:
+            sim = CallerSimulator("127.0.0.1", server.address[1], turns, **kw)
+            await sim.run()
+            await wait_until(lambda: not server.sessions)
+            return sim
+
+    return asyncio.run(main())
+
+
+# --- pieces -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pieces", "clauses"),
+    [
+        (["Sure", ",", " I can", " help."], ["Sure,", "I can help."]),
+        (
+            ["Certainly!", " A great", " book is", " this one."],
+            ["Certainly!", "A great book is this one."],
+        ),
+        (
+            ["The moon", " is the", " largest thing", " in the", " sky."],
+            ["The moon is the largest", "thing in the sky."],
+        ),
+        (["Yes."], ["Yes."]),
+        (["It is", " 5 p.m.", " now"], ["It is 5 p.m.", "now"]),
+    ],
+)
+def test_clause_splitter(pieces: list[str], clauses: list[str]) -> None:
+    splitter = ClauseSplitter()
+    out = [c for p in pieces for c in splitter.feed(p)]
+    rest = splitter.flush()
+    assert out + ([rest] if rest else []) == clauses
+
+
+def test_iterate_in_thread_streams_and_stops_the_worker_when_cancelled() -> None:
+    stopped = threading.Event()
+
+    def endless() -> Iterator[int]:
+        i = 0
+        try:
+            while True:
+                time.sleep(0.001)
+                yield i
+                i += 1
+        finally:
+            stopped.set()
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        with ThreadPoolExecutor(2) as ex:
+
+            async def consume() -> None:
+                async with contextlib.aclosing(iterate_in_thread(ex, endless)) as items:
+                    async for item in items:
+                        got.append(item)
+                        if len(got) == 5:
+                            raise asyncio.CancelledError
+
+            with pytest.raises(asyncio.CancelledError):
+                await consume()
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+    assert stopped.is_set()
+
+
+def test_iterate_in_thread_raises_the_workers_error() -> None:
+    def broken() -> Iterator[int]:
+        yield 1
+        raise ValueError("engine broke")
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as ex, pytest.raises(ValueError, match="engine broke"):
+            async with contextlib.aclosing(iterate_in_thread(ex, broken)) as items:
+                async for _ in items:
+                    pass
+
+    asyncio.run(main())
+
+
+# --- whole turns --------------------------------------------------------------------------------
+
+
+def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark(
+    calls_dir: Path,
+) -> None:
+    settings, engines, assets = setup(calls_dir)
+    sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    [result] = sim.report.turns
+    assert result.response_latency_ms is not None and result.talk_over_frames == 0
+    # hangover (500 ms) and a few frames of lead: the doubles themselves take no time
+    assert 300 <= result.response_latency_ms <= 900
+    events = call_events(calls_dir)
+    [turn] = [e for e in events if e["event"] == "turn"]
+    assert turn["stt_speculative"] is True and len(engines.stt.calls) == 1
+    assert turn["transcript"] == f"I spoke for {engines.stt.calls[0]:.1f} seconds"
+    assert turn["reply"] == "Sure, here is the answer you wanted."
+    assert engines.tts.texts == ["Sure,", "here is the answer you wanted."]
+    marks = turn["marks_ms"]
+    assert set(marks) == set(MARKS)  # every mark, in pipeline order:
+    assert marks["speech_end"] == 0.0 and marks["endpoint"] >= 400
+    # the speculative transcript was ready before the endpoint was decided
+    assert marks["stt_done"] <= marks["endpoint"]
+    ordered = ["endpoint", "llm_first_token", "first_clause", "tts_first_audio", "first_frame_out"]
+    assert [marks[m] for m in ordered] == sorted(marks[m] for m in ordered)
+
+
+def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    run_call(settings, assets, [speech(0.6) + pause(0.3) + speech(0.6)], greeting_wait=0, quiet=0.5)
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    # Two transcriptions: the speculation at the pause (0.6 s of speech + pre-roll) and the
+    # whole turn; the answer was to the whole turn.
+    # The speculation at the first pause (0.6 s of speech and its pre-roll) was thrown away.
+    assert len(engines.stt.calls) >= 2 and min(engines.stt.calls) < 1.0
+    assert max(engines.stt.calls) > 1.4
+    assert turn["transcript"] == f"I spoke for {max(engines.stt.calls):.1f} seconds"
+
+
+def test_the_gate_ignores_the_caller_while_the_bot_speaks(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    engines.llm.words = ("word " * 40).split()  # about 2.4 s of bot audio
+    engines.llm.words[-1] = "end."
+    # The caller talks over the answer (0.7 s after finishing), then stays quiet.
+    run_call(settings, assets, [speech(0.6) + pause(1.2) + speech(0.8)], greeting_wait=0, quiet=1.0)
+    turns = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert len(turns) == 1 and turns[0]["interrupted"] is False
+
+
+def test_barge_in_stops_the_bot_and_keeps_the_callers_words(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_BARGE_IN="true")
+    engines.llm.words = ("word " * 60).split()  # 3.6 s of bot audio
+    sim = run_call(
+        settings, assets, [speech(0.6) + pause(1.5) + speech(0.8)], greeting_wait=0, quiet=1.0
+    )
+    events = call_events(calls_dir)
+    barge = [e for e in events if e["event"] == "barge_in"]
+    turns = [e for e in events if e["event"] == "turn"]
+    assert len(barge) == 1 and barge[0]["dropped_ms"] > 500
+    assert turns[0]["interrupted"] is True
+    # The caller's words over the bot became the next turn (0.8 s, from its first 200 ms on).
+    assert len(turns) == 2 and turns[1]["transcript"] == "I spoke for 1.0 seconds"
+    # The bot went quiet within ~200 ms of sustained speech plus the playout's small lead, and
+    # stayed quiet until it answered the new turn (after its end and the hangover).
+    talks_over = sim.report.turns[0].speech_start + 0.6 + 1.5
+    heard = [t for t in sim.voiced_rx_times if talks_over + 0.35 < t < talks_over + 1.2]
+    assert heard == []
+    assert any(talks_over - 1.0 < t < talks_over + 0.2 for t in sim.voiced_rx_times)
+
+
+def test_greeting_plays_within_300ms_of_connecting(calls_dir: Path) -> None:
+    settings, engines, assets = setup(
+        calls_dir, VOICEBOT_PROFILES_ASSISTANT_GREETING="Hello there!"
+    )
+    assets.prepare()
+    sim = run_call(settings, assets, [], duration=1.0)
+    assert sim.voiced_rx_times and sim.voiced_rx_times[0] < 0.3
+    assert any(e["event"] == "greeting" for e in call_events(calls_dir))
+
+
+@pytest.mark.parametrize("stage", ["listening", "stt", "llm", "tts", "playout"])
+def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
+    calls_dir: Path, stage: str
+) -> None:
+    settings, engines, assets = setup(calls_dir)
+    release = threading.Event()
+    if stage == "stt":
+        engines.stt.hold = release
+    elif stage == "llm":
+        engines.llm.hold = release
+    elif stage == "tts":
+        engines.tts.hold = release
+    elif stage == "playout":
+        engines.llm.words = ("word " * 80).split()
+    turns = [] if stage == "listening" else [speech(0.6)]
+
+    async def main() -> None:
+        async with running_server(settings, handler(settings, assets)) as server:
+            sim = CallerSimulator(
+                "127.0.0.1",
+                server.address[1],
+                turns,
+                greeting_wait=0,
+                duration=1.6,
+                answer_timeout=0.1,
+            )
+            await sim.run()  # hangs up at 1.6 s, whatever the bot is doing
+            await wait_until(lambda: not server.sessions and not server._tasks)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert left == []
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+    events = call_events(calls_dir)
+    assert events[-1]["event"] == "call_end" and events[-1]["reason"] == "caller hung up"
+    if stage == "llm":
+        assert engines.llm.stopped_early.wait(5)  # the worker thread stopped generating

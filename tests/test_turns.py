@@ -1,0 +1,173 @@
+"""Turn detection frame by frame with a scripted VAD: onset, pre-roll, pauses, hangover, gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bot.turns import (
+    BargeIn,
+    Discarded,
+    EndOfTurn,
+    Paused,
+    Resumed,
+    SpeechStarted,
+    TurnDetector,
+    TurnSettings,
+    WebRtcVad,
+    looks_complete,
+)
+
+V = b"\x01" + bytes(319)  # the scripted VAD calls this voiced
+S = bytes(320)
+
+
+class ScriptedVad:
+    def is_speech(self, pcm: bytes, rate: int) -> bool:
+        return pcm[0] == 1
+
+
+def run(
+    frames: list[bytes],
+    settings: TurnSettings | None = None,
+    gated: set[int] | None = None,
+    hints: dict[int, bool | None] | None = None,
+) -> list[tuple[int, object]]:
+    det = TurnDetector(ScriptedVad(), 8000, settings or TurnSettings())
+    out = []
+    for i, f in enumerate(frames):
+        if hints and i in hints:
+            det.hint_complete(hints[i])
+        for ev in det.feed(f, i * 0.02, gated=bool(gated and i in gated)):
+            out.append((i, ev))
+    return out
+
+
+def kinds(events: list[tuple[int, object]]) -> list[tuple[int, str]]:
+    return [(i, type(e).__name__) for i, e in events]
+
+
+def test_a_turn_starts_after_onset_and_keeps_its_pre_roll() -> None:
+    frames = [S] * 20 + [bytes([2]) + bytes(319)] + [V] * 20 + [S] * 30
+    events = run(frames)
+    assert kinds(events)[0] == (23, "SpeechStarted")  # 3 voiced frames = 60 ms onset
+    end = next(e for _, e in events if isinstance(e, EndOfTurn))
+    # The 300 ms (15 frames) up to the onset are kept: the quiet frame marked 2 is in them.
+    assert end.audio.startswith(S * 11 + bytes([2]) + bytes(319) + V)
+    assert len(end.audio) == (15 + 17 + 5) * 320
+    assert end.voiced_frames == 20 and end.reason == "hangover"
+    assert end.speech_end == pytest.approx(40 * 0.02)
+
+
+def test_pause_then_endpoint_after_the_default_hangover() -> None:
+    events = run([V] * 10 + [S] * 40)
+    assert kinds(events) == [(2, "SpeechStarted"), (17, "Paused"), (34, "EndOfTurn")]
+    paused = events[1][1]
+    assert isinstance(paused, Paused) and paused.speech_end == pytest.approx(9 * 0.02)
+    end = events[2][1]
+    assert isinstance(end, EndOfTurn)
+    # Trailing silence beyond 100 ms is not sent to STT.
+    assert len(end.audio) == (10 + 5) * 320
+
+
+def test_speech_after_a_pause_resumes_the_same_turn() -> None:
+    events = run([V] * 10 + [S] * 12 + [V] * 10 + [S] * 40)
+    assert kinds(events) == [
+        (2, "SpeechStarted"),
+        (17, "Paused"),
+        (22, "Resumed"),
+        (39, "Paused"),
+        (56, "EndOfTurn"),
+    ]
+    end = events[-1][1]
+    assert isinstance(end, EndOfTurn) and end.voiced_frames == 20
+
+
+@pytest.mark.parametrize(("hint", "end_frame"), [(True, 24), (False, 54), (None, 34)])
+def test_hangover_adapts_to_whether_the_words_are_complete(
+    hint: bool | None, end_frame: int
+) -> None:
+    # Pause detected at frame 17; the speculative transcript arrives at frame 20.
+    events = run([V] * 10 + [S] * 60, hints={20: hint})
+    assert kinds(events)[-1] == (end_frame, "EndOfTurn")
+
+
+def test_a_pause_inside_a_sentence_does_not_end_the_turn_when_words_trail_off() -> None:
+    # 400 ms pause after "... a table for two, and": the trailing-word hint holds the turn.
+    events = run([V] * 20 + [S] * 20 + [V] * 15 + [S] * 50, hints={30: False, 60: True})
+    assert [k for _, k in kinds(events)].count("EndOfTurn") == 1
+    end = events[-1][1]
+    assert isinstance(end, EndOfTurn) and end.voiced_frames == 35
+
+
+def test_clicks_and_coughs_are_not_turns() -> None:
+    events = run([V] * 5 + [S] * 40)  # 100 ms of sound
+    assert kinds(events) == [(2, "SpeechStarted"), (12, "Paused"), (29, "Discarded")]
+    d = events[-1][1]
+    assert isinstance(d, Discarded) and "100 ms of speech is under 200 ms" in d.reason
+    assert run([V, V, S] * 10) == []  # never 60 ms in a row: no onset at all
+
+
+def test_a_monologue_still_gets_an_answer() -> None:
+    events = run([V] * 400, TurnSettings(max_utterance_s=5.0))
+    end = next(e for _, e in events if isinstance(e, EndOfTurn))
+    assert end.reason == "max length" and len(end.audio) == 250 * 320
+
+
+def test_the_gate_keeps_the_bots_own_echo_from_starting_a_turn() -> None:
+    gated = set(range(0, 60))
+    events = run([V] * 60 + [S] * 10, gated=gated)
+    assert events == []
+    # After the gate opens, speech starts a turn again, without the echo in its pre-roll.
+    events = run([V] * 60 + [S] * 5 + [V] * 10 + [S] * 40, gated=gated)
+    assert kinds(events)[0] == (67, "SpeechStarted")
+    end = events[-1][1]
+    assert isinstance(end, EndOfTurn) and V * 11 not in end.audio[: 5 * 320]
+
+
+def test_barge_in_after_sustained_speech_through_the_gate_keeps_the_words() -> None:
+    settings = TurnSettings(barge_in=True, barge_in_ms=200)
+    gated = set(range(0, 100))
+    frames = [S] * 10 + [V, V, S] * 3 + [V] * 30 + [S] * 40
+    events = run(frames, settings, gated=gated)
+    names = kinds(events)
+    assert names[:2] == [(28, "BargeIn"), (28, "SpeechStarted")]  # 10 frames = 200 ms
+    end = events[-1][1]
+    assert isinstance(end, EndOfTurn) and end.voiced_frames == 30
+    # Short bursts through the gate (under 200 ms) do not interrupt.
+    assert run([V] * 9 + [S] * 5 + [V] * 9, settings, gated=set(range(30))) == []
+
+
+def test_barge_in_is_off_by_default() -> None:
+    assert run([V] * 50, gated=set(range(50))) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [
+        ("What is the capital of France?", True),
+        ("I'd like to book a table.", True),
+        ("I'd like to book a table for two,", False),
+        ("and then I want to go to the", False),
+        ("so um", False),
+        ("Yes", None),
+        ("", None),
+    ],
+)
+def test_looks_complete(text: str, complete: bool | None) -> None:
+    assert looks_complete(text) is complete
+
+
+def test_webrtc_vad_tells_speech_from_silence() -> None:
+    vad = WebRtcVad(3)
+    t = np.arange(160) / 8000
+    voiced = (0.3 * 32767 * np.sin(2 * np.pi * 200 * t) * np.sin(2 * np.pi * 3 * t)).astype("<i2")
+    assert vad.is_speech(bytes(320), 8000) is False
+    hits = sum(vad.is_speech(voiced.tobytes(), 8000) for _ in range(10))
+    assert hits >= 5
+
+
+def test_events_are_plain_data() -> None:
+    assert SpeechStarted(1.0) == SpeechStarted(1.0)
+    assert Resumed(2.0) != Resumed(3.0)
+    assert BargeIn(0.5).t == 0.5
