@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,13 +22,7 @@ from .calllog import list_calls, read_call
 from .conversation import MARKS
 from .scenarios import Scenario, generate
 from .simulator import CallerSimulator
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from .subserver import serving
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -94,30 +84,10 @@ def run(
     say(f"bench calls: generating {calls} caller scenarios ...")
     scenarios = generate(calls)
     logs = Path(tempfile.mkdtemp(prefix="voicebot-bench-"))
-    port = _free_port()
-    server_env = {**os.environ, **(env or {}), "VOICEBOT_CALLS_DIR": str(logs)}
     say("bench calls: starting the server (loading and warming the engines) ...")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", "assistant"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=server_env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "ready" not in line:
-        proc.kill()
-        raise RuntimeError(f"the server did not start: {line.strip() or 'no output'}")
-    start = time.monotonic()
-    try:
+    with serving("assistant", {**(env or {}), "VOICEBOT_CALLS_DIR": str(logs)}) as port:
+        start = time.monotonic()
         reports = asyncio.run(_run_calls(port, scenarios, concurrency, progress))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     latencies = [
         t.response_latency_ms for r in reports for t in r.turns if t.response_latency_ms is not None
     ]

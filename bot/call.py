@@ -132,7 +132,9 @@ class Call:
             assert isinstance(ended, CallEnded)
             self.end_reason, by_bot = ended.reason, ended.by_bot
         except* Exception as group:
-            exc = group.exceptions[0]
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):  # the root cause, not its wrappers
+                exc = exc.exceptions[0]
             error = f"{type(exc).__name__}: {exc}"
             self.log.error("call failed: %s", error, exc_info=exc)
             self.end_reason, by_bot = f"internal error: {error}", True

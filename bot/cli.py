@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -261,28 +260,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --- bench --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _start_server(port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", "echo"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "ready" not in line:
-        proc.kill()
-        _die(f"bench: the server did not start: {line.strip() or 'no output'}", 1)
-    return proc
-
-
 async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> list[Any]:
     sims = [
         CallerSimulator("127.0.0.1", port, rate=8000, duration=seconds, record=False)
@@ -325,12 +302,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results = bench_engines.run_all(_load_settings(args).models, progress=not args.json)
         print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
         return 1 if any("error" in r for r in results) else 0
-    env = dict(os.environ)
-    env["VOICEBOT_CALLS_DIR"] = args.calls_dir
-    port = _free_port()
+    from .subserver import serving
+
     results = []
-    proc = _start_server(port, env)
-    try:
+    with serving("echo", {"VOICEBOT_CALLS_DIR": args.calls_dir}) as port:
         for n in args.calls:
             print(f"pacing: {n} concurrent echo call(s) for {args.seconds:g} s", file=sys.stderr)
             reports = asyncio.run(_pacing_run(port, n, args.seconds, not args.json))
@@ -348,12 +323,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     "ended_by": sorted({r.ended_by for r in reports}),
                 }
             )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -71,6 +71,8 @@ MARKS: Final = (
     "first_frame_out",
 )
 T = TypeVar("T")
+MIN_REPLY_WORDS: Final = 6
+SENTENCE_END: Final = re.compile(r"[.!?][\"')]*\s*$")
 
 
 # --- clause splitting ---------------------------------------------------------------------------
@@ -281,6 +283,12 @@ class Assistant:
             while True:
                 t, audio = frame if frame is not None else await call.next_audio_timed()
                 frame = None
+                reply = self._reply
+                # An engine failed mid-reply: end the call with the error (within 20 ms).
+                if reply is not None and reply.done() and not reply.cancelled():
+                    failure = reply.exception()
+                    if failure is not None:
+                        raise failure
                 for event in detector.feed(audio.pcm, t, gated=self._gated(t)):
                     await self._on_event(event, detector)
         finally:
@@ -394,9 +402,18 @@ class Assistant:
         llm_may_run.set()
 
         def tokens() -> Iterator[str]:
+            llm = self.engines.llm
+            text = ""
             for piece in self.dialogue.reply(turn.transcript, usage=usage):
-                llm_may_run.wait(2.0)
+                # Never hold the model paused while another call waits for it.
+                if not llm.contended:
+                    llm_may_run.wait(2.0)
                 yield piece
+                text += piece
+                # A phone answer is short: stop at the end of the first sentence that
+                # brings the reply to MIN_REPLY_WORDS (the model and the TTS are freed sooner).
+                if SENTENCE_END.search(text) and len(text.split()) >= MIN_REPLY_WORDS:
+                    return
 
         async def think() -> None:
             try:

@@ -175,9 +175,9 @@ TurnEvent = SpeechStarted | Paused | Resumed | EndOfTurn | Discarded | BargeIn
 class TurnSettings:
     onset_ms: int = 60
     pre_roll_ms: int = 300
-    pause_ms: int = 160
+    pause_ms: int = 120
     hangover_ms: int = 500
-    hangover_complete_ms: int = 300
+    hangover_complete_ms: int = 250
     hangover_incomplete_ms: int = 900
     min_speech_ms: int = 200
     max_utterance_s: float = 15.0

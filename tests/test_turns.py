@@ -22,6 +22,10 @@ V = b"\x01" + bytes(319)  # the scripted VAD calls this voiced
 S = bytes(320)
 
 
+# The frame positions below were worked out for these timings.
+BASE = {"pause_ms": 160, "hangover_complete_ms": 300}
+
+
 class ScriptedVad:
     def is_speech(self, pcm: bytes, rate: int) -> bool:
         return pcm[0] == 1
@@ -33,7 +37,7 @@ def run(
     gated: set[int] | None = None,
     hints: dict[int, bool | None] | None = None,
 ) -> list[tuple[int, object]]:
-    det = TurnDetector(ScriptedVad(), 8000, settings or TurnSettings())
+    det = TurnDetector(ScriptedVad(), 8000, settings or TurnSettings(**BASE))
     out = []
     for i, f in enumerate(frames):
         if hints and i in hints:
@@ -109,7 +113,7 @@ def test_clicks_and_coughs_are_not_turns() -> None:
 
 
 def test_a_monologue_still_gets_an_answer() -> None:
-    events = run([V] * 400, TurnSettings(max_utterance_s=5.0))
+    events = run([V] * 400, TurnSettings(**BASE, max_utterance_s=5.0))
     end = next(e for _, e in events if isinstance(e, EndOfTurn))
     assert end.reason == "max length" and len(end.audio) == 250 * 320
 
@@ -126,7 +130,7 @@ def test_the_gate_keeps_the_bots_own_echo_from_starting_a_turn() -> None:
 
 
 def test_barge_in_after_sustained_speech_through_the_gate_keeps_the_words() -> None:
-    settings = TurnSettings(barge_in=True, barge_in_ms=200)
+    settings = TurnSettings(**BASE, barge_in=True, barge_in_ms=200)
     gated = set(range(0, 100))
     frames = [S] * 10 + [V, V, S] * 3 + [V] * 30 + [S] * 40
     events = run(frames, settings, gated=gated)

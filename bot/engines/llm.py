@@ -71,6 +71,14 @@ class LlamaLlm:
         except Exception as exc:
             raise ModelUnavailable(f"cannot load LLM {o.model!r}: {exc}") from exc
         self._lock = threading.Lock()
+        # Generations queued behind the one running (a hint for throttling, so an unlocked
+        # count is good enough).
+        self._waiting = 0
+
+    @property
+    def contended(self) -> bool:
+        """Another generation is waiting for the model."""
+        return self._waiting > 0
 
     @property
     def n_ctx(self) -> int:
@@ -91,7 +99,12 @@ class LlamaLlm:
         o = self.options
         usage = usage if usage is not None else Usage()
         start = time.perf_counter()
-        with self._lock:
+        self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             try:
                 chunks = self._llm.create_chat_completion(
                     messages=messages,
@@ -115,8 +128,9 @@ class LlamaLlm:
                 raise
             except Exception as exc:
                 raise EngineFailed(f"LLM failed: {exc}") from exc
-            finally:
-                usage.total_s = time.perf_counter() - start
+        finally:
+            usage.total_s = time.perf_counter() - start
+            self._lock.release()
 
 
 @dataclass
@@ -139,20 +153,24 @@ class Conversation:
         return [{"role": "system", "content": self.system_prompt}, *msgs]
 
     def reply(self, user_text: str, *, usage: Usage | None = None) -> Iterator[str]:
-        """Streams the reply; the turn joins the history once the reply is complete."""
+        """Streams the reply. The turn joins the history when the stream ends, also when the
+        caller of this generator stops early (a short answer, or barge-in): then the history
+        holds what was generated."""
         pieces: list[str] = []
-        for piece in self.llm.stream(
-            self.messages(user_text), max_tokens=self.max_tokens, usage=usage
-        ):
-            pieces.append(piece)
-            yield piece
-        self.history += [
-            {"role": "user", "content": user_text},
-            {"role": "assistant", "content": "".join(pieces).strip()},
-        ]
-        # Keep the stored history bounded too (the prompt is trimmed again at each turn).
-        if len(self.history) > 40:
-            del self.history[:2]
+        try:
+            for piece in self.llm.stream(
+                self.messages(user_text), max_tokens=self.max_tokens, usage=usage
+            ):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.history += [
+                {"role": "user", "content": user_text},
+                {"role": "assistant", "content": "".join(pieces).strip()},
+            ]
+            # Keep the stored history bounded too (the prompt is trimmed again at each turn).
+            if len(self.history) > 40:
+                del self.history[:2]
 
 
 def complete_text(llm: LlamaLlm, prompt: str, **kwargs: Any) -> str:

@@ -1,0 +1,45 @@
+"""`voicebot serve` in a child process, so benchmarks measure it from outside like Asterisk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serving(profile: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Starts the server with ``profile``, waits until it says ready, yields its port; then
+    stops it with SIGTERM as an operator would."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", profile],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the ready line comes once every engine is warm
+        if "ready" not in line:
+            raise RuntimeError(f"the server did not start: {line.strip() or 'no output'}")
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
