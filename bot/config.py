@@ -135,7 +135,7 @@ class TurnSettingsConfig:
     pre_roll_ms: int = _setting(300, _range(0, 2000), "audio kept from before the onset")
     pause_ms: int = _setting(120, _range(20, 2000), "silence that starts speculative STT")
     hangover_ms: int = _setting(500, _range(100, 5000), "silence that ends a turn")
-    hangover_complete_ms: int = _setting(250, _range(100, 5000), "... after a complete sentence")
+    hangover_complete_ms: int = _setting(250, _range(100, 5000), "... after a question")
     hangover_incomplete_ms: int = _setting(900, _range(100, 5000), "... after a trailing word")
     min_speech_ms: int = _setting(200, _range(20, 5000), "shorter turns are noise")
     max_utterance_s: float = _setting(15.0, _range(1, 120), "a longer turn ends at once")

@@ -12,7 +12,8 @@ arrival time; it does no I/O and knows nothing about engines, so it is tested fr
   If speech resumes, :class:`Resumed` says the speculation is stale.
 - **Endpoint.** The turn ends after a hangover of silence. The hangover adapts: after a pause
   the call may tell the detector whether the words so far form a complete turn
-  (:meth:`TurnDetector.hint_complete`): complete turns end after ``hangover_complete_ms``,
+  (:meth:`TurnDetector.hint_complete`): complete turns (questions) end after
+  ``hangover_complete_ms``,
   trailing ones ("and", "so", a comma) wait ``hangover_incomplete_ms``, so a 300-500 ms pause
   inside a sentence does not make the bot answer. Without a hint, ``hangover_ms``.
 - **Too short, too long.** A turn with less than ``min_speech_ms`` of voiced audio is dropped
@@ -78,21 +79,9 @@ class SileroVad:
         import onnxruntime as ort
 
         if model_path is None:
-            import importlib.metadata as md
+            from .engines.models import resolve
 
-            from .engines import ModelUnavailable
-
-            try:
-                files = md.distribution("silero-vad").files or []
-            except md.PackageNotFoundError:
-                raise ModelUnavailable(
-                    "Silero VAD: package silero-vad is not installed; install it with: "
-                    "pip install --no-deps silero-vad==6.2.3"
-                ) from None
-            found = [f for f in files if str(f).endswith("data/silero_vad.onnx")]
-            if not found:
-                raise ModelUnavailable("Silero VAD: silero_vad.onnx is missing from silero-vad")
-            model_path = str(found[0].locate())
+            model_path = str(resolve("silero-vad", "vad", progress=False).path)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.inter_op_num_threads = 1
@@ -233,7 +222,10 @@ def looks_complete(text: str) -> bool | None:
     words = re.findall(r"[a-z']+", t.lower())
     if words and words[-1] in TRAILING:
         return False
-    if t.endswith((".", "?", "!")):
+    # A question is a finished turn for a voicebot. A statement may still get an afterthought
+    # ("a table for two, ... tonight at eight"), and Whisper ends every fragment with a period,
+    # so "." earns no shortcut: the default hangover outlasts a 300-500 ms pause.
+    if t.endswith("?"):
         return True
     return None
 

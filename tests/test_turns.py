@@ -150,7 +150,7 @@ def test_barge_in_is_off_by_default() -> None:
     ("text", "complete"),
     [
         ("What is the capital of France?", True),
-        ("I'd like to book a table.", True),
+        ("I'd like to book a table.", None),
         ("I'd like to book a table for two,", False),
         ("and then I want to go to the", False),
         ("so um", False),
@@ -175,3 +175,25 @@ def test_events_are_plain_data() -> None:
     assert SpeechStarted(1.0) == SpeechStarted(1.0)
     assert Resumed(2.0) != Resumed(3.0)
     assert BargeIn(0.5).t == 0.5
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_silero_vad_on_real_speech_silence_and_noise(rate: int) -> None:
+    from bot.audio import float_to_pcm, resample
+    from bot.engines.tts import PiperTts
+    from bot.turns import SileroVad
+
+    piper = PiperTts(progress=False)
+    voice = np.concatenate(list(piper.synthesize("Hello, I would like to book a table.")))
+    speech = float_to_pcm(resample(voice, piper.native_rate, rate))
+    noise = float_to_pcm(np.random.default_rng(3).standard_normal(rate) * 0.01)  # -40 dBFS
+    vad = SileroVad()
+    frame = rate // 50 * 2
+
+    def voiced_share(pcm: bytes) -> float:
+        frames = [pcm[i : i + frame] for i in range(0, len(pcm) - frame + 1, frame)]
+        return sum(vad.is_speech(f, rate) for f in frames) / len(frames)
+
+    assert voiced_share(bytes(rate * 2)) == 0.0
+    assert voiced_share(noise) < 0.1
+    assert voiced_share(speech) > 0.5

@@ -203,6 +203,20 @@ CATALOG: Final[dict[str, OfflineModel]] = {
             license="Apache-2.0",
         ),
         OfflineModel(
+            key="silero-vad",
+            job="vad",
+            title="Silero VAD v5 (ONNX)",
+            files={
+                "model": PackedFile(
+                    "silero_vad.onnx", (Part("silero-vad", "silero_vad/data/silero_vad.onnx"),)
+                )
+            },
+            requirements=(),
+            # The package requires torch for its own wrapper; the ONNX file needs onnxruntime only.
+            no_deps=("silero-vad==6.2.3",),
+            license="MIT",
+        ),
+        OfflineModel(
             key="piper-joe-medium",
             job="tts-piper",
             title="Piper en_US-joe-medium",
@@ -230,10 +244,16 @@ CATALOG: Final[dict[str, OfflineModel]] = {
 # Named packs: what `voicebot models install PACK` installs. The set-up script installs
 # "default"; tests also use Piper, which "test" adds.
 PACKS: Final[dict[str, tuple[str, ...]]] = {
-    "default": ("whisper-tiny.en", "qwen2.5-0.5b", "kokoro-v1.0-int8"),
+    "default": ("whisper-tiny.en", "qwen2.5-0.5b", "kokoro-v1.0-int8", "silero-vad"),
     "fast": ("whisper-tiny.en", "smollm2-135m", "piper-joe-medium"),
     "quality": ("whisper-base", "qwen2.5-1.5b", "kokoro-v1.0-int8"),
-    "test": ("whisper-tiny.en", "qwen2.5-0.5b", "kokoro-v1.0-int8", "piper-joe-medium"),
+    "test": (
+        "whisper-tiny.en",
+        "qwen2.5-0.5b",
+        "kokoro-v1.0-int8",
+        "silero-vad",
+        "piper-joe-medium",
+    ),
 }
 
 
