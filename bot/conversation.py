@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -138,22 +138,33 @@ class ClauseSplitter:
 # --- running blocking generators in threads -----------------------------------------------------
 
 
-async def iterate_in_thread(executor: ThreadPoolExecutor, make: Callable[[], Iterator[T]]) -> Any:
-    """Yields the items of a blocking generator run in ``executor``; cancelling stops it."""
+async def iterate_in_thread(
+    executor: ThreadPoolExecutor, make: Callable[[], Iterator[T]]
+) -> AsyncGenerator[T, None]:
+    """Yields the items of a blocking generator run in ``executor``.
+
+    Consume it inside ``contextlib.aclosing()``: an async generator left by an exception in the
+    loop body is only closed later by the event loop, and until then the worker runs on.
+    Closing it (or cancelling the consumer) stops the worker after its current item.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     stop = threading.Event()
+
+    def post(kind: str, value: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
     def run() -> None:
         try:
             for item in make():
                 if stop.is_set():
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+                post("item", item)
         except BaseException as exc:  # handed to the awaiting side, which re-raises it
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            post("error", exc)
         else:
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+            post("done", None)
 
     future = loop.run_in_executor(executor, run)
     try:

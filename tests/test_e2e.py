@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +14,7 @@ from bot.engines.stt import WhisperStt
 from bot.engines.tts import PiperTts
 from bot.scenarios import phone_band
 from bot.simulator import CallerSimulator
-
-from .conftest import ROOT
+from bot.subserver import serving
 
 
 def test_a_caller_asks_a_question_and_hears_a_spoken_answer(tmp_path: Path) -> None:
@@ -27,20 +22,8 @@ def test_a_caller_asks_a_question_and_hears_a_spoken_answer(tmp_path: Path) -> N
     question = phone_band(
         np.concatenate(list(piper.synthesize("What is the capital of France?"))), piper.native_rate
     )
-    env = {**os.environ, "VOICEBOT_CALLS_DIR": str(tmp_path / "calls"), "PYTHONUNBUFFERED": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bot", "serve", "--port", "0", "--profile", "assistant"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        ready = server.stdout.readline()  # printed only once every engine is warm
-        assert "ready" in ready, ready
-        port = int(ready.split("127.0.0.1:")[1].split(",")[0])
+    # `voicebot serve` in its own process; it says ready only once every engine is warm.
+    with serving("assistant", {"VOICEBOT_CALLS_DIR": str(tmp_path / "calls")}) as port:
         sim = CallerSimulator(
             "127.0.0.1",
             port,
@@ -50,9 +33,6 @@ def test_a_caller_asks_a_question_and_hears_a_spoken_answer(tmp_path: Path) -> N
             answer_timeout=20.0,
         )
         report = asyncio.run(sim.run())
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
     assert report.ended_by == "caller"
     [turn] = report.turns
     assert turn.response_latency_ms is not None and turn.talk_over_frames == 0
