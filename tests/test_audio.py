@@ -120,3 +120,14 @@ def test_unsupported_wav_is_refused_clearly(tmp_path: Path) -> None:
     junk.write_bytes(b"not a wav")
     with pytest.raises(ValueError, match="not a PCM WAV file"):
         read_wav(str(junk), 8000)
+
+
+def test_leading_silence_is_measured_in_5ms_steps_keeping_20ms() -> None:
+    from bot.audio import leading_silence
+
+    quiet = bytes(2 * 2400)  # 300 ms at 8 kHz
+    loud = float_to_pcm(sine(440, 8000, 0.2))
+    cut = leading_silence(quiet + loud, 8000)
+    assert cut == 2 * (2400 - 160)  # 300 ms of breath minus the 20 ms kept before the voice
+    assert leading_silence(loud, 8000) == 0
+    assert leading_silence(quiet, 8000) == len(quiet) - 320  # all quiet: keep 20 ms

@@ -237,3 +237,20 @@ def test_float_audio_round_trip_sanity(kokoro: KokoroOnnx) -> None:
     pcm = b"".join(speak(kokoro, "Yes.", 16000))
     x = pcm_to_float(pcm)
     assert np.abs(x).max() <= 1.0 and np.abs(x).max() > 0.05
+
+
+def test_llm_reports_contention_while_another_generation_waits(llm: LlamaLlm) -> None:
+    ask = [{"role": "user", "content": "Say one word."}]
+    first = llm.stream(ask, max_tokens=3)
+    next(first)  # holds the model
+    assert not llm.contended
+    waiter = threading.Thread(target=lambda: list(llm.stream(ask, max_tokens=2)))
+    waiter.start()
+    for _ in range(500):
+        if llm.contended:
+            break
+        threading.Event().wait(0.01)
+    assert llm.contended
+    first.close()  # releases the model: the waiting generation runs
+    waiter.join(60)
+    assert not llm.contended
