@@ -79,7 +79,6 @@ class Call:
         self._rate_known = asyncio.Event()
         self.inbound_dropped = 0
         self.dtmf: list[str] = []
-        self._dtmf_ready = asyncio.Event()
         self.end_reason: str | None = None
 
     # --- what a behaviour uses ------------------------------------------------------------------
@@ -180,7 +179,6 @@ class Call:
                 self._inbound_ready.set()
             else:
                 self.dtmf.append(event.digit)
-                self._dtmf_ready.set()
                 self.calllog.event("dtmf", digit=event.digit)
                 self.log.info("DTMF %s", event.digit)
         if s.error:

@@ -173,8 +173,4 @@ class Conversation:
                 del self.history[:2]
 
 
-def complete_text(llm: LlamaLlm, prompt: str, **kwargs: Any) -> str:
-    return "".join(llm.stream([{"role": "user", "content": prompt}], **kwargs))
-
-
-__all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage", "complete_text"]
+__all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]

