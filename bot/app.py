@@ -1,15 +1,30 @@
-"""Wiring: which behaviour a call's profile gets, and the shared engines it needs."""
+"""Wiring: which behaviour a call's profile gets, the shared engines, the Asterisk links.
+
+:class:`Bot` is the whole server process: one AudioSocket listener for ``[server] port`` (profile
+``server.profile``) and one more for each profile that sets its own ``port``; the engines shared
+by every call; the optional ARI and AMI links; the concurrent-call limit; a graceful shutdown.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
 
 from .call import Call, echo
 from .config import AssistantProfile, Settings
-from .server import Session
+from .directory import Directory
+from .server import AudioSocketServer, Session, Timeouts
+
+log = logging.getLogger(__name__)
+
+# How long a new call waits for ARI/AMI to say which profile it is for (their events race the
+# AudioSocket connection; ARI registers the UUID before Asterisk even dials the bot).
+ROUTE_WAIT: Final = 0.3
 
 
 def needs_engines(settings: Settings) -> bool:
@@ -31,32 +46,165 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> object 
             max_workers=max(4, (os.cpu_count() or 2) * 2), thread_name_prefix="engine"
         )
         assets = Assets(settings, engines, executor)
-        say("synthesizing greetings ...")
+        say("loading per-profile voices and models, synthesizing prompts ...")
         assets.prepare()
         return assets
 
     return await asyncio.to_thread(load)
 
 
+BUSY: Final = "all lines busy"
+
+
+async def busy(call: Call) -> None:
+    """The call over the limit: a short prompt (synthesized at start-up), then hang up."""
+    prompts: dict[tuple[str, int], bytes] = getattr(call.assets, "prompts", {})
+    call.calllog.event("busy", max_calls=call.settings.limits.max_calls)
+    prompt = prompts.get(("busy", call.rate))
+    if prompt:
+        await call.play(prompt)
+        await call.playout.drain()
+    call.hangup(BUSY)
+
+
+def _assistant(name: str, assets: object | None) -> Callable[[Call], Awaitable[None]]:
+    from .conversation import Assets, Assistant
+
+    if not isinstance(assets, Assets):
+        raise RuntimeError(f"profile {name} needs the engines, which were not loaded")
+
+    async def behaviour(call: Call) -> None:
+        await Assistant(call, assets).run()
+
+    return behaviour
+
+
 def handler(
-    settings: Settings, assets: object | None = None
+    settings: Settings,
+    assets: object | None = None,
+    *,
+    profile: str | None = None,
+    directory: Directory | None = None,
+    active: set[Session] | None = None,
 ) -> Callable[[Session], Awaitable[None]]:
-    """The server's per-connection handler for these settings."""
+    """The per-connection handler for one listener (whose profile is ``profile``)."""
+    port_profile = profile or settings.server.profile
+    active = set() if active is None else active
 
     async def handle(session: Session) -> None:
-        name = settings.server.profile
-        profile = settings.profile(name)
-        if isinstance(profile, AssistantProfile):
-            from .conversation import Assets, Assistant
-
-            if not isinstance(assets, Assets):
-                raise RuntimeError(f"profile {name} needs the engines, which were not loaded")
-
-            async def behaviour(call: Call) -> None:
-                await Assistant(call, assets).run()
-
-            await Call(session, name, profile, settings, behaviour=behaviour).run()
-        else:
-            await Call(session, name, profile, settings, behaviour=echo).run()
+        uuid = str(session.uuid)
+        route = None
+        if directory is not None:
+            wait = ROUTE_WAIT if settings.ari.enabled or settings.ami.enabled else 0.0
+            route = await directory.lookup(uuid, wait)
+        name = port_profile
+        if route is not None and route.profile:
+            if route.profile in settings.profiles:
+                name = route.profile
+            else:
+                session.log.warning(
+                    "Asterisk asked for profile %r, which is not defined; using %s",
+                    route.profile,
+                    port_profile,
+                )
+        chosen = settings.profile(name)
+        if len(active) >= settings.limits.max_calls:
+            session.log.warning("all %d lines busy: refusing the call", settings.limits.max_calls)
+            await Call(session, name, chosen, settings, behaviour=busy, assets=assets).run()
+            return
+        active.add(session)
+        try:
+            behaviour = _assistant(name, assets) if isinstance(chosen, AssistantProfile) else echo
+            call = Call(
+                session,
+                name,
+                chosen,
+                settings,
+                behaviour=behaviour,
+                assets=assets,
+                directory=directory,
+            )
+            await call.run()
+        finally:
+            active.discard(session)
+            if directory is not None:
+                directory.forget(uuid)
 
     return handle
+
+
+class Bot:
+    """The server process: listeners, engines, Asterisk links."""
+
+    def __init__(self, settings: Settings, assets: object | None = None) -> None:
+        self.settings = settings
+        self.assets = assets
+        self.directory = Directory()
+        self.active: set[Session] = set()
+        self.servers: dict[str, AudioSocketServer] = {}
+        self.links: list[Any] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def listeners(self) -> list[tuple[str, int]]:
+        """(profile, port) for every AudioSocket listener."""
+        s = self.settings
+        found = [(s.server.profile, s.server.port)]
+        found += [(name, p.port) for name, p in s.profiles.items() if p.port]
+        return found
+
+    async def start(self) -> None:
+        s = self.settings
+        timeouts = Timeouts(
+            uuid=s.server.uuid_timeout, idle=s.server.idle_timeout, write=s.server.write_timeout
+        )
+        for profile, port in self.listeners():
+            server = AudioSocketServer(
+                handler(
+                    s,
+                    self.assets,
+                    profile=profile,
+                    directory=self.directory,
+                    active=self.active,
+                ),
+                host=s.server.host,
+                port=port,
+                timeouts=timeouts,
+            )
+            await server.start()
+            self.servers[profile if profile not in self.servers else f"{profile}:{port}"] = server
+            self._tasks.append(asyncio.create_task(server.serve_forever(), name=f"serve-{port}"))
+        if s.ami.enabled:
+            from .ami import AmiLink
+
+            ami = AmiLink(s.ami, self.directory)
+            await ami.connect()
+            self.links.append(ami)
+        if s.ari.enabled:
+            from .ari import AriApp
+
+            ari = AriApp(s.ari, self.directory)
+            self.links.append(ari)
+            self._tasks.append(asyncio.create_task(ari.run(), name="ari"))
+
+    @property
+    def calls_in_progress(self) -> int:
+        return sum(len(server.sessions) for server in self.servers.values())
+
+    def end_calls(self) -> None:
+        for server in self.servers.values():
+            server.end_calls()
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stops accepting calls; calls in progress get ``grace`` seconds, then are ended."""
+        await asyncio.gather(*(server.close(grace) for server in self.servers.values()))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for link in self.links:
+            if hasattr(link, "close"):
+                link.close()
+        executor = getattr(self.assets, "executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -19,12 +19,13 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from . import audiosocket as proto
 from .audio import Playout, PlayoutBuffer, silence
 from .calllog import CallLog
 from .config import EchoProfile, Profile, Settings
+from .directory import Directory, Route
 from .server import CALLER_HUNG_UP, Session, SessionEnded
 
 DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
@@ -55,8 +56,14 @@ class Call:
         settings: Settings,
         *,
         behaviour: Behaviour,
+        assets: object | None = None,
+        directory: Directory | None = None,
     ) -> None:
         self.session = session
+        self.directory = directory
+        self.assets = assets  # engines and prompts shared by all calls (None: echo only)
+        self.route: Route | None = None  # what ARI/AMI know about the call (bot/directory.py)
+        self.on_dtmf: Callable[[str], None] | None = None  # the behaviour's DTMF hook
         self.profile_name = profile_name
         self.profile = profile
         self.settings = settings
@@ -106,6 +113,15 @@ class Call:
         """End the call from the bot's side (raises; call it from a behaviour)."""
         raise CallEnded(reason, by_bot=True)
 
+    def release(self, reason: str) -> None:
+        """End the call's AudioSocket without a hangup frame: Asterisk moved the caller
+        elsewhere (a transfer), and a 0x00 could race the move (raises)."""
+        raise CallEnded(reason, by_bot=False)
+
+    def asterisk_event(self, name: str, fields: dict[str, Any]) -> None:
+        """An event about this call from ARI or AMI (see bot/directory.py): into the log."""
+        self.calllog.event(name, **fields)
+
     # --- running ---------------------------------------------------------------------------------
 
     async def run(self) -> str:
@@ -119,6 +135,8 @@ class Call:
             profile_kind=self.profile.kind,
         )
         self.log.info("call from %s, profile %s", s.peer, self.profile_name)
+        if self.directory is not None:  # ARI/AMI events about this call join its log from here
+            self.route = self.directory.attach(str(s.uuid), self.asterisk_event)
         by_bot = False
         error: str | None = None
         try:
@@ -181,6 +199,8 @@ class Call:
                 self.dtmf.append(event.digit)
                 self.calllog.event("dtmf", digit=event.digit)
                 self.log.info("DTMF %s", event.digit)
+                if self.on_dtmf is not None:
+                    self.on_dtmf(event.digit)
         if s.error:
             self.calllog.event("error", kind="protocol", message=s.error)
         raise CallEnded(s.end_reason or CALLER_HUNG_UP)

@@ -60,9 +60,8 @@ def _load_settings(args: argparse.Namespace) -> config.Settings:
 
 
 async def _serve(settings: config.Settings) -> None:
-    from .app import handler, load_assets
+    from .app import Bot, load_assets
     from .engines import EngineError
-    from .server import AudioSocketServer, Timeouts
 
     s = settings.server
     try:
@@ -70,31 +69,47 @@ async def _serve(settings: config.Settings) -> None:
         assets = await load_assets(settings, lambda m: print(m, file=sys.stderr, flush=True))
     except EngineError as exc:
         _die(f"cannot start: {exc}", 1)
-    server = AudioSocketServer(
-        handler(settings, assets),
-        host=s.host,
-        port=s.port,
-        timeouts=Timeouts(uuid=s.uuid_timeout, idle=s.idle_timeout, write=s.write_timeout),
-    )
+    bot = Bot(settings, assets)
     try:
-        await server.start()
+        await bot.start()
     except OSError as exc:
-        _die(f"cannot listen on {s.host}:{s.port}: {exc.strerror or exc}", 1)
-    host, port = server.address
+        await bot.close()
+        _die(f"cannot listen on {s.host}: {exc.strerror or exc}", 1)
+    except Exception as exc:  # an Asterisk link that cannot log in (AmiError), for one
+        await bot.close()
+        _die(f"cannot start: {exc}", 1)
+    where = ", ".join(
+        f"{profile} on {server.address[0]}:{server.address[1]}"
+        for profile, server in bot.servers.items()
+    )
+    links = "".join(f", {link.name.upper()} linked" for link in bot.links)
     print(
-        f"voicebot {__version__} ready: AudioSocket on {host}:{port}, profile "
-        f"{s.profile}, call logs in {settings.calls.dir}/",
+        f"voicebot {__version__} ready: AudioSocket {where}{links}, "
+        f"call logs in {settings.calls.dir}/",
         flush=True,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.create_task(server.serve_forever(), name="serve")
     await stop.wait()
-    log.warning("shutting down: %d call(s) in progress", len(server.sessions))
-    serving.cancel()
-    await server.close()
+    grace = settings.limits.shutdown_grace
+    log.warning(
+        "shutting down: no new calls; %d call(s) in progress get up to %g s",
+        bot.calls_in_progress,
+        grace,
+    )
+    # A second signal ends the calls in progress at once.
+    stop.clear()
+    closing = asyncio.create_task(bot.close(grace))
+    second = asyncio.create_task(stop.wait())
+    await asyncio.wait([closing, second], return_when=asyncio.FIRST_COMPLETED)
+    if not closing.done():
+        log.warning("second signal: ending %d call(s) now", bot.calls_in_progress)
+        bot.end_calls()
+        await closing
+    second.cancel()
+    log.info("stopped")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -210,6 +225,59 @@ def cmd_calls(args: argparse.Namespace) -> int:
 
 
 # --- models and doctor --------------------------------------------------------------------------
+
+
+def cmd_check_asterisk(args: argparse.Namespace) -> int:
+    from .astconf import lint
+
+    settings = _load_settings(args)
+    ports = [port for _profile, port in _listeners(settings)]
+    try:
+        problems = lint(
+            Path(args.dir), bot_host=args.bot_host, bot_ports=ports, profiles=settings.profiles
+        )
+    except (OSError, ValueError) as exc:
+        _die(str(exc))
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.dir}: fine (bot at {args.bot_host}, ports {', '.join(map(str, ports))})")
+    return 0
+
+
+def _listeners(settings: config.Settings) -> list[tuple[str, int]]:
+    from .app import Bot
+
+    return Bot(settings).listeners()
+
+
+def cmd_originate(args: argparse.Namespace) -> int:
+    from .ami import AmiError, AmiLink
+
+    settings = _load_settings(args)
+    if not settings.ami.secret:
+        _die("ami.secret: set VOICEBOT_AMI_SECRET (manager.conf's secret for [ami] username)")
+
+    async def main() -> str:
+        link = AmiLink(settings.ami)
+        try:
+            await link.connect()
+            return await link.originate(
+                args.endpoint,
+                context=args.context,
+                extension=args.extension or args.profile,
+                caller_id=args.caller_id,
+            )
+        finally:
+            link.close()
+
+    try:
+        message = asyncio.run(main())
+    except AmiError as exc:
+        _die(str(exc), 1)
+    print(f"{args.endpoint}: {message}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -357,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML settings file (also VOICEBOT_CONFIG)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="AudioSocket port (default 9092)")
-    serve.add_argument("--profile", help="profile every call gets (default echo)")
+    serve.add_argument("--profile", help="profile of calls on --port (default assistant)")
     serve.set_defaults(func=cmd_serve)
 
     call = sub.add_parser(
@@ -428,6 +496,33 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--config", help="TOML settings file")
     mdl.add_argument("--json", action="store_true")
     mdl.set_defaults(func=cmd_models)
+
+    orig = sub.add_parser(
+        "originate",
+        parents=[common],
+        help="make Asterisk call a phone and connect it to a bot profile (AMI)",
+    )
+    orig.add_argument("endpoint", help="what Asterisk dials, e.g. PJSIP/16")
+    orig.add_argument("--profile", default="assistant", help="bot profile (default assistant)")
+    orig.add_argument(
+        "--context", default="voicebot-outbound", help="dialplan context (asterisk/extensions.conf)"
+    )
+    orig.add_argument("--extension", help="extension in --context (default: the profile's name)")
+    orig.add_argument("--caller-id", default="Voicebot <Llama1>")
+    orig.add_argument("--config", help="TOML settings file ([ami] section)")
+    orig.set_defaults(func=cmd_originate)
+
+    check = sub.add_parser(
+        "check-asterisk",
+        parents=[common],
+        help="check an Asterisk configuration folder against this bot's settings",
+    )
+    check.add_argument("dir", nargs="?", default="asterisk", help="folder (default asterisk/)")
+    check.add_argument(
+        "--bot-host", default="voicebot", help="the bot's address as Asterisk dials it"
+    )
+    check.add_argument("--config", help="TOML settings file")
+    check.set_defaults(func=cmd_check_asterisk)
 
     doctor = sub.add_parser(
         "doctor",

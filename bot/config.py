@@ -49,6 +49,11 @@ def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
+def _secret(doc: str) -> Any:
+    """A credential: empty unless the environment sets it, and never shown by ``repr()``."""
+    return field(default="", repr=False, metadata={"check": None, "doc": doc})
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str = _setting("127.0.0.1", _nonempty, "address to listen on (0.0.0.0 for all)")
@@ -109,6 +114,7 @@ class EchoProfile:
 
     kind: str = _setting("echo")
     delay_ms: int = _setting(500, _range(0, 10000), "delay before the caller hears themselves")
+    port: int = _setting(0, _range(0, 65535), "own AudioSocket port for this profile (0: none)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,16 @@ class AssistantProfile:
     system_prompt: str = _setting(DEFAULT_SYSTEM_PROMPT, _nonempty, "who the bot is")
     greeting: str = _setting("Hello! How can I help you today?", None, "said when a call connects")
     barge_in: bool = _setting(False, None, "caller speech stops the bot while it talks")
+    port: int = _setting(0, _range(0, 65535), "own AudioSocket port for this profile (0: none)")
+    voice: str = _setting("", None, "TTS voice for this profile (default: [models] voice)")
+    llm: str = _setting("", None, "LLM for this profile (default: [models] llm)")
+    transfer_extension: str = _setting(
+        "operator", None, "dialplan extension a transfer to a person reaches (empty: none)"
+    )
+    transfer_context: str = _setting("from-voicebot", _nonempty, "... in this dialplan context")
+    transfer_message: str = _setting(
+        "One moment, I am putting you through to a colleague.", _nonempty, "said before a transfer"
+    )
 
 
 PROFILE_KINDS: Final[dict[str, type[Any]]] = {"echo": EchoProfile, "assistant": AssistantProfile}
@@ -143,12 +159,63 @@ class TurnSettingsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AriSettings:
+    """ARI mode: a Stasis application bridges each call to the bot (see bot/ari.py)."""
+
+    enabled: bool = _setting(False, None, "connect to Asterisk's REST interface at start-up")
+    url: str = _setting("http://127.0.0.1:8088", _nonempty, "Asterisk's HTTP server (http.conf)")
+    app: str = _setting("voicebot", _nonempty, "Stasis application name (Stasis(voicebot,...))")
+    username: str = _setting("voicebot", _nonempty, "ari.conf user")
+    password: str = _secret("ari.conf password (VOICEBOT_ARI_PASSWORD only)")
+    media_host: str = _setting(
+        "127.0.0.1:9092", _nonempty, "host:port where Asterisk reaches the bot's AudioSocket"
+    )
+    format: str = _setting("slin16", _one_of("slin", "slin16"), "externalMedia audio format")
+
+
+@dataclass(frozen=True, slots=True)
+class AmiSettings:
+    """AMI: hang-up and DTMF events into the call logs, transfers, originate (bot/ami.py)."""
+
+    enabled: bool = _setting(False, None, "connect to Asterisk's manager interface at start-up")
+    host: str = _setting("127.0.0.1", _nonempty, "manager.conf bindaddr")
+    port: int = _setting(5038, _range(1, 65535), "manager.conf port")
+    username: str = _setting("voicebot", _nonempty, "manager.conf user")
+    secret: str = _secret("manager.conf secret (VOICEBOT_AMI_SECRET only)")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Overload protection (see bot/app.py)."""
+
+    max_calls: int = _setting(4, _range(1, 1000), "calls served at once; others hear 'busy'")
+    busy_message: str = _setting(
+        "Sorry, all lines are busy. Please call again later.", _nonempty, "said when full"
+    )
+    apology_message: str = _setting(
+        "Sorry, something went wrong on my side. Please call again. Goodbye.",
+        _nonempty,
+        "said before the bot hangs up on an engine failure",
+    )
+    shutdown_grace: float = _setting(
+        30.0, _range(0, 3600), "seconds calls may go on after SIGTERM before they are ended"
+    )
+
+
+# Settings that hold secrets: read from the environment only, never from the file or a log.
+SECRETS: Final = frozenset({"ari.password", "ami.secret"})
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     playout: PlayoutSettings = field(default_factory=PlayoutSettings)
     calls: CallLogSettings = field(default_factory=CallLogSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     turns: TurnSettingsConfig = field(default_factory=TurnSettingsConfig)
+    ari: AriSettings = field(default_factory=AriSettings)
+    ami: AmiSettings = field(default_factory=AmiSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     profiles: Mapping[str, Profile] = field(
         default_factory=lambda: {"echo": EchoProfile(), "assistant": AssistantProfile()}
     )
@@ -166,6 +233,9 @@ SECTIONS: Final = {
     "calls": CallLogSettings,
     "models": ModelSettings,
     "turns": TurnSettingsConfig,
+    "ari": AriSettings,
+    "ami": AmiSettings,
+    "limits": LimitSettings,
 }
 _TYPES: Final = {"int": int, "float": float, "str": str, "bool": bool}
 _TRUE: Final = {"1", "true", "yes", "on"}
@@ -221,13 +291,17 @@ def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _merge_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     """Fold VOICEBOT_SECTION_KEY variables into the file's tables."""
-    for var, value in sorted(environ.items()):
+    # VOICEBOT_PROFILES_NAME_KIND defines a profile NAME; the others then name it.
+    variables = sorted(environ.items(), key=lambda kv: (not kv[0].endswith("_KIND"), kv[0]))
+    for var, value in variables:
         if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         if rest.startswith("profiles_"):
             profiles = _table(data, "profiles")
             name_key = rest[len("profiles_") :]
+            if name_key.endswith("_kind") and name_key[: -len("_kind")]:
+                profiles.setdefault(name_key[: -len("_kind")], {})
             # Longest name first: profile names may contain underscores themselves.
             known = sorted({*profiles, *PROFILE_KINDS}, key=len, reverse=True)
             name = next((n for n in known if name_key.startswith(n + "_")), None)
@@ -259,6 +333,12 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
             raise ConfigError(f"config file {p}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
+    for key in sorted(SECRETS):
+        section, name = key.split(".")
+        table = data.get(section)
+        if isinstance(table, dict) and name in table:
+            var = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+            raise ConfigError(f"{key}: secrets are read from the environment only; set {var}")
     _merge_env(data, environ)
     for key in data:
         if key not in SECTIONS and key != "profiles":
@@ -282,11 +362,31 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         calls=_build(CallLogSettings, "calls", _table(data, "calls")),
         models=_build(ModelSettings, "models", _table(data, "models")),
         turns=_build(TurnSettingsConfig, "turns", _table(data, "turns")),
+        ari=_build(AriSettings, "ari", _table(data, "ari")),
+        ami=_build(AmiSettings, "ami", _table(data, "ami")),
+        limits=_build(LimitSettings, "limits", _table(data, "limits")),
         profiles=profiles,
     )
+    _check_links(settings)
+    return settings
+
+
+def _check_links(settings: Settings) -> None:
+    """Checks that need more than one value: ports, credentials that must be present."""
     if settings.server.profile not in settings.profiles:
         raise ConfigError(
             f"server.profile: {settings.server.profile!r} is not defined "
             f"(profiles: {', '.join(settings.profiles)})"
         )
-    return settings
+    taken = {settings.server.port: "server.port"} if settings.server.port else {}
+    for name, profile in settings.profiles.items():
+        if profile.port:
+            if profile.port in taken:
+                raise ConfigError(
+                    f"profiles.{name}.port: {profile.port} is already {taken[profile.port]}"
+                )
+            taken[profile.port] = f"profiles.{name}.port"
+    if settings.ari.enabled and not settings.ari.password:
+        raise ConfigError("ari.password: ARI is enabled but VOICEBOT_ARI_PASSWORD is not set")
+    if settings.ami.enabled and not settings.ami.secret:
+        raise ConfigError("ami.secret: AMI is enabled but VOICEBOT_AMI_SECRET is not set")

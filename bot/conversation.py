@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import threading
@@ -36,6 +37,8 @@ from typing import Any, Final, TypeVar
 from .audio import leading_silence, resample_pcm
 from .call import Call
 from .config import AssistantProfile, Settings
+from .directory import TransferFailed
+from .engines import EngineError
 from .engines.llm import Conversation as Dialogue
 from .engines.llm import Usage
 from .engines.stack import Engines
@@ -72,6 +75,14 @@ MARKS: Final = (
 )
 T = TypeVar("T")
 MIN_REPLY_WORDS: Final = 6
+# A caller asking for a person ("can I talk to a human", "operator, please").
+WANTS_PERSON: Final = re.compile(
+    r"\b(operator|receptionist|human being|real person|representative|"
+    r"(speak|talk|put me through|transfer me|connect me)\b.{0,30}\b"
+    r"(human|person|someone|somebody|colleague|agent|staff))\b",
+    re.IGNORECASE,
+)
+TRANSFER_DIGIT: Final = "0"
 SENTENCE_END: Final = re.compile(r"[.!?][\"')]*\s*$")
 
 
@@ -187,22 +198,63 @@ async def iterate_in_thread(
 
 
 class Assets:
-    """Engines and per-profile audio shared by every call of the process."""
+    """Engines and prompt audio shared by every call of the process."""
 
     def __init__(self, settings: Settings, engines: Engines, executor: ThreadPoolExecutor) -> None:
         self.settings = settings
         self.engines = engines
         self.executor = executor
-        self.greetings: dict[tuple[str, int], bytes] = {}
+        # ("greeting:PROFILE" | "transfer:PROFILE" | "busy", rate) -> 16-bit PCM
+        self.prompts: dict[tuple[str, int], bytes] = {}
+        self.llms: dict[str, Any] = {}  # profile -> its own LLM ([profiles.NAME] llm)
+
+    def llm_for(self, profile: str) -> Any:
+        return self.llms.get(profile, self.engines.llm)
+
+    def prompt(self, key: str, rate: int) -> bytes:
+        return self.prompts.get((key, rate), b"")
 
     def prepare(self) -> None:
-        """Synthesizes every assistant profile's greeting at 8 and 16 kHz (once, at start)."""
+        """Checks each profile's voice, loads per-profile LLMs, and synthesizes the prompts
+        (greetings, transfer hand-overs, the busy message) at 8 and 16 kHz, once, at start."""
         tts = self.engines.tts
+        loaded: dict[str, Any] = {}
         for name, profile in self.settings.profiles.items():
-            if isinstance(profile, AssistantProfile) and profile.greeting:
-                pcm = b"".join(speak(tts, profile.greeting, 16000))
-                self.greetings[(name, 16000)] = pcm
-                self.greetings[(name, 8000)] = resample_pcm(pcm, 16000, 8000)
+            if not isinstance(profile, AssistantProfile):
+                continue
+            if profile.voice:
+                try:
+                    tts.check_voice(profile.voice)
+                except EngineError as exc:
+                    raise EngineError(f"profiles.{name}.voice: {exc}") from exc
+            if profile.llm:
+                if profile.llm not in loaded:
+                    loaded[profile.llm] = self._load_llm(name, profile.llm)
+                self.llms[name] = loaded[profile.llm]
+            self._synthesize(f"greeting:{name}", profile.greeting, profile.voice)
+            if profile.transfer_extension:
+                self._synthesize(f"transfer:{name}", profile.transfer_message, profile.voice)
+        self._synthesize("busy", self.settings.limits.busy_message, "")
+        self._synthesize("apology", self.settings.limits.apology_message, "")
+
+    def _load_llm(self, name: str, model: str) -> Any:
+        from .engines.llm import LlamaLlm
+        from .engines.stack import options
+
+        llm_options = dataclasses.replace(options(self.settings.models)[1], model=model)
+        try:
+            llm = LlamaLlm(llm_options)
+            "".join(llm.stream([{"role": "user", "content": "Say hello."}], max_tokens=4))
+        except EngineError as exc:
+            raise EngineError(f"profiles.{name}.llm: {exc}") from exc
+        return llm
+
+    def _synthesize(self, key: str, text: str, voice: str) -> None:
+        if not text:
+            return
+        pcm = b"".join(speak(self.engines.tts, text, 16000, voice or None))
+        self.prompts[(key, 16000)] = pcm
+        self.prompts[(key, 8000)] = resample_pcm(pcm, 16000, 8000)
 
     def vad(self) -> Vad:
         return (
@@ -247,8 +299,9 @@ class Assistant:
         self.profile = profile
         self.assets = assets
         self.engines = assets.engines
+        self.llm = assets.llm_for(call.profile_name)
         self.dialogue = Dialogue(
-            self.engines.llm,
+            self.llm,
             system_prompt=profile.system_prompt,
             max_tokens=assets.settings.models.llm_max_tokens,
         )
@@ -270,7 +323,13 @@ class Assistant:
         self._turn: Turn | None = None
         self._turns = 0
         self._carry = ""  # words of a turn whose reply was cut off before it was heard
+        self._transfer_asked: str | None = None  # why the caller wants a person
         call.playout.on_voice_start = self._on_voice_start
+        call.on_dtmf = self._on_dtmf
+
+    def _on_dtmf(self, digit: str) -> None:
+        if digit == TRANSFER_DIGIT:
+            self._transfer_asked = f"DTMF {digit}"
 
     def _on_voice_start(self, t: float) -> None:
         if self._turn is not None and "first_frame_out" not in self._turn.marks:
@@ -284,7 +343,7 @@ class Assistant:
     async def run(self) -> None:
         call = self.call
         first_t, first = await call.next_audio_timed()
-        greeting = self.assets.greetings.get((call.profile_name, first.rate))
+        greeting = self.assets.prompt(f"greeting:{call.profile_name}", first.rate)
         if greeting:
             await call.play(greeting)
             call.calllog.event("greeting", text=self.profile.greeting)
@@ -294,11 +353,14 @@ class Assistant:
             while True:
                 t, audio = frame if frame is not None else await call.next_audio_timed()
                 frame = None
+                if self._transfer_asked is not None:
+                    await self._transfer(self._transfer_asked)
                 reply = self._reply
-                # An engine failed mid-reply: end the call with the error (within 20 ms).
+                # An engine failed mid-reply: apologize, then end the call with the error.
                 if reply is not None and reply.done() and not reply.cancelled():
                     failure = reply.exception()
                     if failure is not None:
+                        await self._apologize(failure)
                         raise failure
                 for event in detector.feed(audio.pcm, t, gated=self._gated(t)):
                     await self._on_event(event, detector)
@@ -381,10 +443,52 @@ class Assistant:
             )
             return
         await self._cancel_reply()
+        if self.profile.transfer_extension and WANTS_PERSON.search(text):
+            self.call.calllog.event("turn", index=turn.index, transcript=text, reply="")
+            self._transfer_asked = "asked for a person"
+            return
         self._turn = turn
         self._reply = asyncio.create_task(
             self._respond(turn), name=f"{self.call.session.uuid}-reply-{turn.index}"
         )
+
+    async def _apologize(self, failure: BaseException) -> None:
+        """A short prompt synthesized at start-up, so it plays even when the TTS is broken."""
+        call = self.call
+        while isinstance(failure, BaseExceptionGroup):  # the root cause, not its wrappers
+            failure = failure.exceptions[0]
+        call.calllog.event("apology", error=f"{type(failure).__name__}: {failure}")
+        call.buffer.clear()
+        await call.play(self.assets.prompt("apology", call.rate))
+        await call.playout.drain()
+
+    async def _transfer(self, why: str) -> None:
+        """Hands the caller to the profile's transfer extension (ends the call if it works)."""
+        self._transfer_asked = None
+        call, profile = self.call, self.profile
+        if not profile.transfer_extension:
+            call.calllog.event("transfer_unavailable", why=why, reason="no transfer_extension")
+            return
+        control = call.route.control if call.route is not None else None
+        if control is None:
+            call.calllog.event(
+                "transfer_unavailable", why=why, reason="no ARI or AMI link knows this call"
+            )
+            return
+        await self._cancel_reply(interrupted=True)
+        call.buffer.clear()
+        target = f"{profile.transfer_extension}@{profile.transfer_context}"
+        call.calllog.event("transfer", why=why, to=target, via=control.name)
+        await call.play(self.assets.prompt(f"transfer:{call.profile_name}", call.rate))
+        await call.playout.drain()
+        assert call.route is not None
+        try:
+            await control.transfer(call.route, profile.transfer_context, profile.transfer_extension)
+        except TransferFailed as exc:
+            call.calllog.event("transfer_failed", to=target, error=str(exc))
+            call.log.warning("transfer to %s failed: %s", target, exc)
+            return
+        call.release(f"transferred to {target}")
 
     async def _cancel_reply(self, *, interrupted: bool = False) -> None:
         task, self._reply = self._reply, None
@@ -397,7 +501,7 @@ class Assistant:
             self._turn.interrupted = True
 
     def _speaker(self, text: str, rate: int) -> Callable[[], Iterator[bytes]]:
-        return lambda: speak(self.engines.tts, text, rate)
+        return lambda: speak(self.engines.tts, text, rate, self.profile.voice or None)
 
     async def _respond(self, turn: Turn) -> None:
         call = self.call
@@ -413,7 +517,7 @@ class Assistant:
         llm_may_run.set()
 
         def tokens() -> Iterator[str]:
-            llm = self.engines.llm
+            llm = self.llm
             text = ""
             for piece in self.dialogue.reply(turn.transcript, usage=usage):
                 # Never hold the model paused while another call waits for it.

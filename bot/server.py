@@ -173,6 +173,9 @@ class Session:
 Handler = Callable[[Session], Awaitable[None]]
 
 
+NO_BYTES: Final = "peer closed the connection without sending anything"
+
+
 class AudioSocketServer:
     """Accepts AudioSocket connections and runs ``handler`` for each once its UUID arrived."""
 
@@ -226,6 +229,11 @@ class AudioSocketServer:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def end_calls(self) -> None:
+        """Ends every call in progress now (each still hangs up and closes its log)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.create_task(
             self._serve(reader, writer), name=f"audiosocket-{self.connections}"
@@ -249,7 +257,9 @@ class AudioSocketServer:
             raise
         if why is not None:
             self.rejected += 1
-            log.warning("connection from %s closed before a call started: %s", peer, why)
+            # A health check connects and closes without a byte: not worth a warning.
+            level = logging.DEBUG if why == NO_BYTES else logging.WARNING
+            log.log(level, "connection from %s closed before a call started: %s", peer, why)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
@@ -274,6 +284,7 @@ class AudioSocketServer:
         """Reads until the UUID frame; returns why the connection is no call, or None."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeouts.uuid
+        conn_bytes = 0
         while True:
             try:
                 event = conn.next_event()
@@ -282,7 +293,7 @@ class AudioSocketServer:
             if isinstance(event, proto.Uuid):
                 return None
             if isinstance(event, proto.Closed):
-                return "peer closed the connection before sending a UUID"
+                return NO_BYTES if conn_bytes == 0 else "peer closed the connection before the UUID"
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return f"no UUID frame within {self.timeouts.uuid:g} s"
@@ -293,4 +304,5 @@ class AudioSocketServer:
                 return f"no UUID frame within {self.timeouts.uuid:g} s"
             except (ConnectionError, OSError) as exc:
                 return f"connection error before the UUID: {exc}"
+            conn_bytes += len(data)
             conn.receive_data(data)

@@ -66,6 +66,7 @@ class CallReport:
     uuid: str
     rate: int
     ended_by: str = ""  # "caller" | "bot" | "error: ..."
+    hangup_frame: bool = False  # the bot sent 0x00 (rather than only closing the socket)
     duration: float = 0.0
     frames_sent: int = 0
     frames_received: int = 0
@@ -257,6 +258,7 @@ class CallerSimulator:
                         if self._speaking:
                             self._count_talk_over()
                 elif isinstance(event, proto.Hangup):
+                    self.report.hangup_frame = True
                     self._bot_hung_up.set()
                     return
                 elif isinstance(event, proto.Closed):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid as uuid_mod
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from bot.app import handler
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import MARKS, Assets, ClauseSplitter, iterate_in_thread
+from bot.directory import Directory, TransferFailed
+from bot.engines import ModelUnavailable
 from bot.engines.llm import LlmOptions, Usage
 from bot.engines.stt import Transcript
-from bot.simulator import CallerSimulator
+from bot.simulator import CallerSimulator, DtmfAt
 
 from .conftest import make_settings, running_server, wait_until
 
@@ -49,6 +52,7 @@ class FakeStt:
 
     calls: list[float] = field(default_factory=list)
     hold: threading.Event | None = None
+    text: str = ""  # what it hears instead (when set)
 
     def transcribe(self, pcm: bytes, rate: int) -> Transcript:
         if self.hold is not None:
@@ -56,7 +60,7 @@ class FakeStt:
         seconds = len(pcm) / 2 / rate
         self.calls.append(seconds)
         # No final punctuation: the detector cannot tell if the turn is complete (default hangover).
-        return Transcript(f"I spoke for {seconds:.1f} seconds", seconds, 0.01)
+        return Transcript(self.text or f"I spoke for {seconds:.1f} seconds", seconds, 0.01)
 
 
 class FakeLlm:
@@ -103,12 +107,18 @@ class FakeTts:
 
     def __init__(self) -> None:
         self.texts: list[str] = []
+        self.voices: list[str | None] = []
         self.hold: threading.Event | None = None
 
-    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+    def check_voice(self, voice: str) -> None:
+        if voice not in ("", "tone"):
+            raise ModelUnavailable(f"no voice {voice!r} (voices: tone)")
+
+    def synthesize(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
         if self.hold is not None:
             self.hold.wait(10)
         self.texts.append(text)
+        self.voices.append(voice)
         n = round(0.06 * 8000 * len(text.split()))
         yield (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
 
@@ -347,15 +357,20 @@ def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
 def test_an_engine_failing_mid_reply_ends_only_that_call(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
 
-    def broken(text: str) -> Iterator[np.ndarray]:
+    def broken(text: str, voice: str | None = None) -> Iterator[np.ndarray]:
         raise RuntimeError("TTS exploded")
         yield np.zeros(1, np.float32)  # pragma: no cover
 
     engines.tts.synthesize = broken  # type: ignore[method-assign]
+    apology = speech(0.5)  # synthesized at start-up, so it plays while the TTS is broken
+    assets.prompts[("apology", 8000)] = apology
     sim = run_call(settings, assets, [speech(0.6)], greeting_wait=0, duration=4.0)
     assert sim.report.ended_by == "bot"  # the bot hung up (0x00), it did not go silent
     events = call_events(calls_dir)
+    assert [e["error"] for e in events if e["event"] == "apology"] == ["RuntimeError: TTS exploded"]
     assert events[-1]["reason"] == "internal error: RuntimeError: TTS exploded"
+    # The caller heard the whole apology (25 voiced frames), then the hang-up.
+    assert sim.report.voiced_frames_received == len(apology) // 320
 
 
 def test_the_reply_stops_at_the_first_full_sentence(calls_dir: Path) -> None:
@@ -379,3 +394,81 @@ def test_the_reply_stops_at_the_first_full_sentence(calls_dir: Path) -> None:
     assert turn["reply"] == "Sure! The capital of France is Paris."
     assert engines.llm.stopped_early.is_set()  # generation stopped, the model was freed
     assert engines.tts.texts == ["Sure!", "The capital of France is Paris."]
+
+
+# --- transfer to a person -----------------------------------------------------------------------
+
+
+@dataclass
+class FakeControl:
+    """The ARI/AMI side of a transfer: records the request, or refuses it."""
+
+    name: str = "fake"
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    refuse: bool = False
+
+    async def transfer(self, route: Any, context: str, extension: str) -> None:
+        self.requests.append((context, extension))
+        if self.refuse:
+            raise TransferFailed("Channel not found")
+
+
+def transfer_call(
+    settings: Settings, assets: Assets, control: FakeControl | None, turns: list[bytes], **kw: Any
+) -> CallerSimulator:
+    call_uuid = uuid_mod.uuid4()
+    directory = Directory()
+    if control is not None:
+        directory.register(str(call_uuid), channel="PJSIP/16-1", control=control)
+
+    async def main() -> CallerSimulator:
+        async with running_server(settings, handler(settings, assets, directory=directory)) as srv:
+            sim = CallerSimulator("127.0.0.1", srv.address[1], turns, call_uuid=call_uuid, **kw)
+            await sim.run()
+            await wait_until(lambda: not srv.sessions)
+            return sim
+
+    return asyncio.run(main())
+
+
+def test_dtmf_0_says_the_handover_then_asterisk_moves_the_call(calls_dir: Path) -> None:
+    settings, _engines, assets = setup(calls_dir)
+    handover = speech(0.4)
+    assets.prompts[("transfer:assistant", 8000)] = handover
+    control = FakeControl()
+    sim = transfer_call(settings, assets, control, [], dtmf=[DtmfAt("0", 0.3)], duration=3.0)
+    assert control.requests == [("from-voicebot", "operator")]
+    events = call_events(calls_dir)
+    [transfer] = [e for e in events if e["event"] == "transfer"]
+    assert transfer["why"] == "DTMF 0" and transfer["via"] == "fake"
+    assert events[-1]["reason"] == "transferred to operator@from-voicebot"
+    # The caller heard the whole hand-over, and no hang-up frame raced the move.
+    assert sim.report.voiced_frames_received == len(handover) // 320
+    assert sim.report.ended_by == "bot" and not sim.report.hangup_frame
+
+
+def test_asking_for_a_person_transfers_instead_of_answering(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    engines.stt.text = "Can I talk to a real person, please?"
+    control = FakeControl()
+    transfer_call(settings, assets, control, [speech(0.6)], greeting_wait=0, duration=3.0)
+    assert control.requests == [("from-voicebot", "operator")]
+    assert engines.llm.prompts == []  # no reply was generated
+    events = call_events(calls_dir)
+    assert [e["why"] for e in events if e["event"] == "transfer"] == ["asked for a person"]
+
+
+def test_a_transfer_nobody_can_make_is_logged_and_the_call_goes_on(calls_dir: Path) -> None:
+    settings, _engines, assets = setup(calls_dir)
+    transfer_call(settings, assets, None, [], dtmf=[DtmfAt("0", 0.3)], duration=1.5)
+    refused = FakeControl(refuse=True)
+    transfer_call(settings, assets, refused, [], dtmf=[DtmfAt("0", 0.3)], duration=1.5)
+    logs = [read_call(f).events for f in list_calls(calls_dir)]
+    [first] = [log for log in logs if any(e["event"] == "transfer_unavailable" for e in log)]
+    [second] = [log for log in logs if log is not first]
+    assert [e["reason"] for e in first if e["event"] == "transfer_unavailable"] == [
+        "no ARI or AMI link knows this call"
+    ]
+    assert first[-1]["reason"] == "caller hung up"  # the conversation went on
+    assert [e["error"] for e in second if e["event"] == "transfer_failed"] == ["Channel not found"]
+    assert second[-1]["reason"] == "caller hung up"

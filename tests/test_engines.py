@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -99,9 +100,9 @@ def test_kokoro_yields_the_first_sentence_before_synthesizing_the_rest(
     calls: list[str] = []
     real = kokoro._infer
 
-    def counting(phonemes: str) -> np.ndarray:
+    def counting(phonemes: str, style: Any) -> np.ndarray:
         calls.append(phonemes)
-        return real(phonemes)
+        return real(phonemes, style)
 
     monkeypatch.setattr(kokoro, "_infer", counting)
     chunks: Iterator[bytes] = speak(kokoro, "Hello there. This is a second sentence.", 8000)
@@ -254,3 +255,12 @@ def test_llm_reports_contention_while_another_generation_waits(llm: LlamaLlm) ->
     first.close()  # releases the model: the waiting generation runs
     waiter.join(60)
     assert not llm.contended
+
+
+def test_kokoro_speaks_another_voice_of_the_same_model(kokoro: KokoroOnnx) -> None:
+    text = "Good evening."
+    default = np.concatenate(list(kokoro.synthesize(text)))
+    other = np.concatenate(list(kokoro.synthesize(text, "jf_alpha")))
+    assert len(other) > 0 and not np.array_equal(default[: len(other)], other[: len(default)])
+    with pytest.raises(ModelUnavailable, match=r"voice 'af_nobody' is not in .*jf_alpha"):
+        kokoro.check_voice("af_nobody")

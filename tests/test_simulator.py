@@ -208,7 +208,7 @@ def test_voicebot_serve_and_call_commands_end_to_end(tmp_path: Path) -> None:
     try:
         assert server.stdout is not None
         ready = server.stdout.readline()
-        assert "ready: AudioSocket on 127.0.0.1:" in ready
+        assert "ready: AudioSocket echo on 127.0.0.1:" in ready
         port = int(ready.split("127.0.0.1:")[1].split(",")[0])
         result = subprocess.run(
             [

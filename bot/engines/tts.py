@@ -49,8 +49,13 @@ class TtsOptions:
 class TtsEngine(Protocol):
     native_rate: int
 
-    def synthesize(self, text: str) -> Iterator[FloatArray]:
-        """Audio at ``native_rate`` in chunks (float in [-1, 1]), the first as early as it can."""
+    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+        """Audio at ``native_rate`` in chunks (float in [-1, 1]), the first as early as it can.
+        ``voice``: another voice of the same model (None: the options' voice)."""
+        ...
+
+    def check_voice(self, voice: str) -> None:
+        """Raises ModelUnavailable, naming the choices, if this engine cannot speak ``voice``."""
         ...
 
 
@@ -58,10 +63,10 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_SPLIT.split(text) if s and s.strip()]
 
 
-def speak(engine: TtsEngine, text: str, rate: int) -> Iterator[bytes]:
+def speak(engine: TtsEngine, text: str, rate: int, voice: str | None = None) -> Iterator[bytes]:
     """16-bit PCM at ``rate`` for ``text``, chunk by chunk as the engine produces them."""
     resampler = Resampler(engine.native_rate, rate)
-    for chunk in engine.synthesize(text):
+    for chunk in engine.synthesize(text, voice or None):
         out = resampler.process(chunk)
         if len(out):
             yield float_to_pcm(out)
@@ -130,17 +135,25 @@ class _KokoroBase:
         self.g2p = g2p or KokoroG2P()
         self._lock = threading.Lock()
 
-    def synthesize(self, text: str) -> Iterator[FloatArray]:
+    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+        style = self._style(voice or self.options.voice)
         for sentence in sentences(text):
             for phonemes in _chunks(self.g2p(sentence)):
                 with self._lock:
                     try:
-                        audio = self._infer(phonemes)
+                        audio = self._infer(phonemes, style)
                     except Exception as exc:
                         raise EngineFailed(f"Kokoro failed on {phonemes!r}: {exc}") from exc
                 yield audio
 
-    def _infer(self, phonemes: str) -> FloatArray:
+    def check_voice(self, voice: str) -> None:
+        self._style(voice)
+
+    def _style(self, voice: str) -> Any:
+        """The voice's style vectors (one per input length), loaded once."""
+        raise NotImplementedError
+
+    def _infer(self, phonemes: str, style: Any) -> FloatArray:
         raise NotImplementedError
 
 
@@ -168,12 +181,8 @@ class KokoroOnnx(_KokoroBase):
         vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
         self.vocab: dict[str, int] = vocab.get("vocab", vocab)
         self.voices = dict(np.load(voices_path))
-        if options.voice not in self.voices:
-            raise ModelUnavailable(
-                f"Kokoro voice {options.voice!r} is not in {voices_path} "
-                f"(voices: {', '.join(sorted(self.voices))})"
-            )
-        self.style = np.asarray(self.voices[options.voice], dtype=np.float32).reshape(-1, 256)
+        self._voices_path = voices_path
+        self.style = self._style(options.voice)
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
@@ -183,11 +192,19 @@ class KokoroOnnx(_KokoroBase):
         self._inputs = {i.name for i in self.session.get_inputs()}
         super().__init__(options, g2p)
 
-    def _infer(self, phonemes: str) -> FloatArray:
+    def _style(self, voice: str) -> Any:
+        if voice not in self.voices:
+            raise ModelUnavailable(
+                f"Kokoro voice {voice!r} is not in {self._voices_path} "
+                f"(voices: {', '.join(sorted(self.voices))})"
+            )
+        return np.asarray(self.voices[voice], dtype=np.float32).reshape(-1, 256)
+
+    def _infer(self, phonemes: str, style_pack: Any) -> FloatArray:
         tokens = [self.vocab[p] for p in phonemes if p in self.vocab][:MAX_PHONEMES]
         if not tokens:
             return np.zeros(0, dtype=np.float32)
-        style = self.style[min(len(tokens), len(self.style)) - 1].reshape(1, 256)
+        style = style_pack[min(len(tokens), len(style_pack)) - 1].reshape(1, 256)
         feeds = {
             "tokens" if "tokens" in self._inputs else "input_ids": np.array(
                 [[0, *tokens, 0]], dtype=np.int64
@@ -232,32 +249,40 @@ class KokoroTorch(_KokoroBase):
                 self.model = KModel(repo_id=repo, config=cfg, model=str(model_path)).eval()
             else:
                 self.model = KModel(repo_id=options.model).eval()
-            voice = Path(options.voice).expanduser()
-            if voice.is_file():
-                pack = torch.load(voice, map_location="cpu", weights_only=True)
-            else:
-                from huggingface_hub import hf_hub_download
-
-                pack = torch.load(
-                    hf_hub_download(repo, f"voices/{options.voice}.pt"),
-                    map_location="cpu",
-                    weights_only=True,
-                )
         except Exception as exc:
             raise ModelUnavailable(
                 f"cannot load Kokoro (PyTorch) {options.model!r}: {exc}"
             ) from exc
-        self.pack = pack
+        self._packs: dict[str, Any] = {}
+        self.pack = self._style(options.voice)
         self.vocab = self.model.vocab
         super().__init__(options, g2p)
 
-    def _infer(self, phonemes: str) -> FloatArray:
+    def _style(self, voice: str) -> Any:
+        """A local ``.pt`` voice pack, or an official voice name from Hugging Face."""
+        if voice in self._packs:
+            return self._packs[voice]
+        import torch
+
+        try:
+            path = Path(voice).expanduser()
+            if not path.is_file():
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download("hexgrad/Kokoro-82M", f"voices/{voice}.pt"))
+            pack = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelUnavailable(f"cannot load Kokoro voice {voice!r}: {exc}") from exc
+        self._packs[voice] = pack
+        return pack
+
+    def _infer(self, phonemes: str, style_pack: Any) -> FloatArray:
         import torch
 
         phonemes = "".join(p for p in phonemes if p in self.vocab)[:MAX_PHONEMES]
         if not phonemes:
             return np.zeros(0, dtype=np.float32)
-        ref = self.pack[len(phonemes) - 1]
+        ref = style_pack[len(phonemes) - 1]
         with torch.inference_mode():
             audio = self.model(phonemes, ref, self.options.speed)
         return np.asarray(audio.detach().cpu().numpy(), dtype=np.float32).reshape(-1)
@@ -289,7 +314,15 @@ class PiperTts:
         self._config = SynthesisConfig(length_scale=1.0 / options.speed if options.speed else None)
         self._lock = threading.Lock()
 
-    def synthesize(self, text: str) -> Iterator[FloatArray]:
+    def check_voice(self, voice: str) -> None:
+        if voice:
+            raise ModelUnavailable(
+                f"Piper speaks with one voice per model, not {voice!r}: choose the voice with "
+                "the model ([models] tts)"
+            )
+
+    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+        self.check_voice(voice or "")
         for sentence in sentences(text):
             with self._lock:
                 try:

@@ -1,0 +1,189 @@
+"""The Asterisk side as shipped: dialplan and SIP config lint, render-config, docker compose."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bot.astconf import dialplan, lint, parse
+from bot.config import load
+
+ROOT = Path(__file__).resolve().parent.parent
+ASTERISK = ROOT / "asterisk"
+SECRETS = {
+    "SIP_16_PASSWORD": "pw-16-Qx81bd03kq",
+    "SIP_17_PASSWORD": "pw-17-Zm2p6ad9fw",
+    "ARI_PASSWORD": "ari-Lk38vn20xa1",
+    "AMI_SECRET": "ami-Vt55qe91mc0",
+}
+
+
+def compose_settings() -> dict[str, str]:
+    """The bot's environment in docker-compose.yml, secrets filled as compose would."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = compose["services"]["voicebot"]["environment"]
+    return {k: "from-.env-" + k if "${" in str(v) else str(v) for k, v in env.items()}
+
+
+def shipped_bot_settings() -> tuple[list[int], list[str]]:
+    env = {
+        "VOICEBOT_PROFILES_CONCIERGE_KIND": "assistant",
+        "VOICEBOT_PROFILES_CONCIERGE_PORT": "9093",
+    }
+    settings = load(None, env)
+    ports = [settings.server.port] + [p.port for p in settings.profiles.values() if p.port]
+    return ports, list(settings.profiles)
+
+
+def test_the_shipped_configuration_passes_the_lint() -> None:
+    ports, profiles = shipped_bot_settings()
+    assert lint(ASTERISK, bot_host="voicebot", bot_ports=ports, profiles=profiles) == []
+
+
+def test_extension_16_reaches_every_llama_and_transfers_land_somewhere() -> None:
+    plan = dialplan(parse(ASTERISK / "extensions.conf"))
+    pjsip = parse(ASTERISK / "pjsip.conf")
+    [endpoint] = [s for s in pjsip.named("16") if s.get("type") == "endpoint"]
+    phones = plan.extensions[endpoint.get("context") or ""]
+    assert {"Llama1", "Llama1w", "Llama2", "Llama1ari"} <= set(phones)
+    # The default profile's transfer target exists in the dialplan.
+    profile = load(None, {}).profiles["assistant"]
+    assert profile.transfer_extension in plan.extensions[profile.transfer_context]
+    # Every bot profile the outbound context offers is a Goto to a real extension (lint).
+    assert set(plan.extensions["voicebot-outbound"]) == {"assistant", "concierge"}
+    assert plan.globals["BOT_HOST"] == "voicebot"  # the compose service name
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (
+            ("${VOICEBOT_UUID}/c(slin16))", "${VOICEBOT_UUID})"),
+            "Dial(AudioSocket/...) without c(slin) or c(slin16)",
+        ),
+        (("BOT_HOST=voicebot", "BOT_HOST=example.org"), "not the bot ('voicebot')"),
+        (("BOT_PORT=9092", "BOT_PORT=9099"), "port 9099 is none of the bot's"),
+        (("Goto(from-phones,Llama2,1)", "Goto(from-phones,Llama3,1)"), "Llama3@from-phones"),
+        (("VOICEBOT_PROFILE=concierge", "VOICEBOT_PROFILE=butler"), "no profile 'butler'"),
+        (("password=${SIP_16_PASSWORD}", "password=1234"), "pjsip.conf"),
+        (("secret=${AMI_SECRET}", "secret=amp111"), "secret is a literal"),
+        (("context=from-phones ", "context=from-nowhere "), "'from-nowhere'"),
+    ],
+)
+def test_the_lint_catches_each_mistake(tmp_path: Path, edit: tuple[str, str], problem: str) -> None:
+    shutil.copytree(ASTERISK, tmp_path / "a")
+    old, new = edit
+    for conf in (tmp_path / "a").glob("*.conf"):
+        text = conf.read_text()
+        if old in text:
+            conf.write_text(text.replace(old, new, 1))
+            break
+    else:
+        pytest.fail(f"{old!r} is in no file")
+    ports, profiles = shipped_bot_settings()
+    problems = lint(tmp_path / "a", bot_host="voicebot", bot_ports=ports, profiles=profiles)
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_cli_check_names_the_problem(tmp_path: Path) -> None:
+    shutil.copytree(ASTERISK, tmp_path / "a")
+    conf = tmp_path / "a" / "extensions.conf"
+    conf.write_text(conf.read_text().replace("c(slin16)", ""))
+    env = {**os.environ, "VOICEBOT_PROFILES_CONCIERGE_KIND": "assistant"}
+    env["VOICEBOT_PROFILES_CONCIERGE_PORT"] = "9093"
+    voicebot = [str(ROOT / ".venv" / "bin" / "voicebot")]
+    ok = subprocess.run(
+        [*voicebot, "check-asterisk", str(ASTERISK)], env=env, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = subprocess.run(
+        [*voicebot, "check-asterisk", str(tmp_path / "a")], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    assert "extensions.conf:38: Dial(AudioSocket/...) without c(slin)" in bad.stdout
+
+
+def render(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return subprocess.run(
+        [str(ASTERISK / "render-config"), str(ASTERISK), str(tmp_path / "etc")],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_render_config_fills_only_the_secrets(tmp_path: Path) -> None:
+    done = render(tmp_path, **SECRETS)
+    assert done.returncode == 0, done.stderr
+    etc = tmp_path / "etc"
+    assert "password=pw-16-Qx81bd03kq" in (etc / "pjsip.conf").read_text()
+    assert "secret=ami-Vt55qe91mc0" in (etc / "manager.conf").read_text()
+    assert "password=ari-Lk38vn20xa1" in (etc / "ari.conf").read_text()
+    # Dialplan variables are Asterisk's, not the shell's: they stay.
+    assert "${UUID()}" in (etc / "extensions.conf").read_text()
+    assert "${BOT_HOST}:${BOT_PORT}" in (etc / "extensions.conf").read_text()
+    assert (etc / "manager.conf").stat().st_mode & 0o077 == 0  # secrets readable by owner only
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("AMI_SECRET", "", "AMI_SECRET is not set"),
+        ("ARI_PASSWORD", "short", "at least 12 characters"),
+        ("SIP_16_PASSWORD", "change-me-please-now", "example value"),
+    ],
+)
+def test_render_config_refuses_missing_or_weak_secrets(
+    tmp_path: Path, name: str, value: str, why: str
+) -> None:
+    done = render(tmp_path, **{**SECRETS, name: value})
+    assert done.returncode == 2
+    assert why in done.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.fail(
+            "docker-compose is not installed (apt-get install docker-compose; .ci/run does)"
+        )
+    return found
+
+
+def compose_config(env_file: Path, **secrets: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config -q`` with exactly ``secrets`` in the env file."""
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in secrets.items()))
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    cmd = [docker_compose(), "--project-directory", str(ROOT), "-f", "docker-compose.yml"]
+    return subprocess.run(
+        [*cmd, "--env-file", str(env_file), "config", "-q"],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_compose_file_is_valid_with_secrets_and_refuses_without(tmp_path: Path) -> None:
+    ok = compose_config(tmp_path / "env", **SECRETS)
+    assert ok.returncode == 0, ok.stderr
+    missing = compose_config(tmp_path / "empty")
+    assert missing.returncode != 0
+    assert "set SIP_16_PASSWORD in .env" in missing.stderr
+
+
+def test_compose_wires_the_bot_to_the_shipped_dialplan() -> None:
+    env = compose_settings()
+    settings = load(None, env)
+    assert settings.profiles["concierge"].port == 9093
+    assert settings.ami.host == "asterisk" and settings.ari.url == "http://asterisk:8088"
+    assert settings.ari.media_host == "voicebot:9092"
+    plan = dialplan(parse(ASTERISK / "extensions.conf"))
+    assert plan.globals["BOT_PORT_CONCIERGE"] == "9093"
