@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Final
 
 from .call import Call, echo
@@ -58,6 +60,7 @@ BUSY: Final = "all lines busy"
 
 async def busy(call: Call) -> None:
     """The call over the limit: a short prompt (synthesized at start-up), then hang up."""
+    call.state = "busy"
     prompts: dict[tuple[str, int], bytes] = getattr(call.assets, "prompts", {})
     call.calllog.event("busy", max_calls=call.settings.limits.max_calls)
     prompt = prompts.get(("busy", call.rate))
@@ -185,6 +188,23 @@ class Bot:
             ari = AriApp(s.ari, self.directory)
             self.links.append(ari)
             self._tasks.append(asyncio.create_task(ari.run(), name="ari"))
+
+    def stats(self) -> dict[str, Any]:
+        """Process health: what a soak test watches for growth (SIGUSR1 writes it out)."""
+        fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
+        rss_kb = -1
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss_kb = int(line.split()[1])
+        return {
+            "calls_in_progress": self.calls_in_progress,
+            "calls_total": sum(s.connections - s.rejected for s in self.servers.values()),
+            "tasks": len(asyncio.all_tasks()),
+            "threads": threading.active_count(),
+            "fds": fds,
+            "rss_mb": round(rss_kb / 1024, 1),
+        }
 
     @property
     def calls_in_progress(self) -> int:

@@ -87,6 +87,9 @@ class Call:
         self.inbound_dropped = 0
         self.dtmf: list[str] = []
         self.end_reason: str | None = None
+        # What the call was doing, kept by its behaviour (listening, transcribing, thinking,
+        # synthesizing, speaking, ...): call_end records where a call ended.
+        self.state = "connected"
 
     # --- what a behaviour uses ------------------------------------------------------------------
 
@@ -176,6 +179,7 @@ class Call:
             playout_reanchors=stats.reanchors,
             playout_max_late_ms=round(stats.max_late * 1000, 1),
             rate=self.rate,
+            state=self.state,
             duration=round(self.calllog.elapsed(), 3),
             **({"protocol_error": s.error} if s.error else {}),
             **({"error": error} if error else {}),
@@ -229,6 +233,7 @@ async def echo(call: Call) -> None:
     """Asterisk's Echo(), delayed: the caller hears themselves ``delay_ms`` later."""
     profile = call.profile
     assert isinstance(profile, EchoProfile)
+    call.state = "echoing"
     first = await call.next_audio()
     # The delay line starts with the first caller frame; the playout clock then drains it at the
     # same 20 ms rate that caller frames arrive, so the delay holds for the whole call.

@@ -36,8 +36,16 @@ class CallLog:
         self.started = started or datetime.now(UTC)
         self._t0 = time.monotonic()
         self.call_id = call_id
-        self.folder = Path(root) / f"{self.started:%Y%m%d-%H%M%S}-{call_id}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        base = Path(root) / f"{self.started:%Y%m%d-%H%M%S}-{call_id}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        # A UUID is unique per call from Asterisk, but a peer may repeat one: never share a log.
+        self.folder = base
+        for n in range(2, 10_000):
+            try:
+                self.folder.mkdir()
+                break
+            except FileExistsError:
+                self.folder = base.with_name(f"{base.name}-{n}")
         self._fh: TextIO | None = (self.folder / EVENTS_FILE).open("a", encoding="utf-8")
         self._events: list[dict[str, Any]] = []
         self.closed = False

@@ -92,6 +92,7 @@ async def _serve(settings: config.Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _write_stats, bot, settings)
     await stop.wait()
     grace = settings.limits.shutdown_grace
     log.warning(
@@ -110,6 +111,21 @@ async def _serve(settings: config.Settings) -> None:
         await closing
     second.cancel()
     log.info("stopped")
+
+
+STATS_FILE = "server-stats.json"
+
+
+def _write_stats(bot: Any, settings: config.Settings) -> None:
+    """SIGUSR1: the process's health (calls, tasks, threads, fds, memory) into the log and
+    ``<calls dir>/server-stats.json`` (what ``voicebot bench soak`` samples)."""
+    stats = bot.stats()
+    log.info("stats: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
+    path = Path(settings.calls.dir) / STATS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**stats, "at": time.time()}))
+    tmp.replace(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -364,6 +380,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
         return 0
+    if args.what == "soak":
+        from . import bench_soak
+
+        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+        result = bench_soak.run(
+            args.calls[0] if args.calls != [1, 20] else 200,
+            args.concurrency if args.concurrency != 1 else 4,
+            profile=args.profile,
+            env=env,
+            progress=not args.json,
+        )
+        print(json.dumps(result, indent=2) if args.json else bench_soak.render(result))
+        return 0 if result["flat"] else 1
     if args.what == "engines":
         from . import bench_engines
 
@@ -539,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["calls", "pacing", "engines"],
+        choices=["calls", "pacing", "engines", "soak"],
         default="calls",
         help="calls (default): simulated conversations through the real models, response "
         "latency; pacing: outbound frame timing on echo; engines: each speech engine",
@@ -550,9 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         default=[1, 20],
-        help="pacing: concurrent calls per run (default: 1 then 20); calls: how many (8)",
+        help="pacing: concurrent calls per run (default: 1 then 20); calls: how many (8); "
+        "soak: how many after the warm-up (200)",
     )
-    bench.add_argument("--concurrency", type=int, default=1, help="calls: calls at a time")
+    bench.add_argument(
+        "--concurrency", type=int, default=1, help="calls at a time (calls: 1, soak: 4)"
+    )
+    bench.add_argument(
+        "--profile", default="echo", help="soak: the profile the calls get (echo, assistant)"
+    )
     bench.add_argument("--seconds", type=float, default=10.0)
     bench.add_argument(
         "--calls-dir",

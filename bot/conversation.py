@@ -345,8 +345,10 @@ class Assistant:
         first_t, first = await call.next_audio_timed()
         greeting = self.assets.prompt(f"greeting:{call.profile_name}", first.rate)
         if greeting:
+            call.state = "greeting"
             await call.play(greeting)
             call.calllog.event("greeting", text=self.profile.greeting)
+        call.state = "listening"
         detector = TurnDetector(self.assets.vad(), first.rate, self.turn_settings)
         frame: tuple[float, Any] | None = (first_t, first)
         try:
@@ -373,6 +375,7 @@ class Assistant:
         if isinstance(event, BargeIn):
             dropped = self.call.buffer.clear()
             await self._cancel_reply(interrupted=True)
+            self.call.state = "listening"
             self.call.calllog.event(
                 "barge_in", dropped_ms=round(dropped / 2 / self.call.rate * 1000)
             )
@@ -383,6 +386,7 @@ class Assistant:
                     # The caller went on before hearing anything: fold both into one turn.
                     self._carry = f"{self._carry} {self._turn.transcript}".strip()
                 await self._cancel_reply()
+                self.call.state = "listening"
         elif isinstance(event, Paused):
             self._speculate(event, detector)
         elif isinstance(event, Resumed):
@@ -416,6 +420,7 @@ class Assistant:
         self._speculation = (paused.voiced_frames, task)
 
     async def _end_of_turn(self, end: EndOfTurn) -> None:
+        self.call.state = "transcribing"
         self._turns += 1
         turn = Turn(self._turns)
         turn.mark("speech_end", end.speech_end)
@@ -441,6 +446,7 @@ class Assistant:
                 reason="no words recognised",
                 audio_s=round(transcript.audio_seconds, 2),
             )
+            self.call.state = "listening"
             return
         await self._cancel_reply()
         if self.profile.transfer_extension and WANTS_PERSON.search(text):
@@ -455,6 +461,7 @@ class Assistant:
     async def _apologize(self, failure: BaseException) -> None:
         """A short prompt synthesized at start-up, so it plays even when the TTS is broken."""
         call = self.call
+        call.state = "apologizing"
         while isinstance(failure, BaseExceptionGroup):  # the root cause, not its wrappers
             failure = failure.exceptions[0]
         call.calllog.event("apology", error=f"{type(failure).__name__}: {failure}")
@@ -478,6 +485,7 @@ class Assistant:
         await self._cancel_reply(interrupted=True)
         call.buffer.clear()
         target = f"{profile.transfer_extension}@{profile.transfer_context}"
+        call.state = "transferring"
         call.calllog.event("transfer", why=why, to=target, via=control.name)
         await call.play(self.assets.prompt(f"transfer:{call.profile_name}", call.rate))
         await call.playout.drain()
@@ -486,6 +494,7 @@ class Assistant:
             await control.transfer(call.route, profile.transfer_context, profile.transfer_extension)
         except TransferFailed as exc:
             call.calllog.event("transfer_failed", to=target, error=str(exc))
+            call.state = "listening"
             call.log.warning("transfer to %s failed: %s", target, exc)
             return
         call.release(f"transferred to {target}")
@@ -539,6 +548,7 @@ class Assistant:
                         for clause in splitter.feed(piece):
                             if "first_clause" not in turn.marks:
                                 turn.mark("first_clause")
+                                call.state = "synthesizing"
                                 llm_may_run.clear()
                             clauses.put_nowait(clause)
                 rest = splitter.flush()
@@ -561,15 +571,18 @@ class Assistant:
                                 continue
                             started = True
                             turn.mark("tts_first_audio")
+                            call.state = "speaking"
                             llm_may_run.set()
                         await call.play(pcm)
             llm_may_run.set()
 
+        call.state = "thinking"
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
                 tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
             await call.playout.drain()
+            call.state = "listening"
         finally:
             turn.reply = "".join(pieces).strip()
             call.calllog.event(

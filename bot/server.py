@@ -25,6 +25,11 @@ from .calllog import CallLogger
 log = logging.getLogger(__name__)
 
 READ_SIZE: Final = 65536
+# Audio we write waits in the kernel and in asyncio's transport buffer. Real-time audio gains
+# nothing from a deep queue (Asterisk reads as it plays), and a shallow one means a peer that
+# stopped reading blocks our writes within ~1-2 s, so the write timeout notices it.
+SEND_BUFFER: Final = 16384  # SO_SNDBUF (Linux doubles it): ~1 s of slin16
+TRANSPORT_HIGH_WATER: Final = 4096  # drain() waits above this
 # Timeouts use `asyncio.timeout()`, never `asyncio.wait_for()`: on Python 3.11 wait_for swallows a
 # cancellation that arrives just as the awaited thing completes (CPython gh-86296), which left a
 # call's playout task running after its call had ended.
@@ -247,6 +252,8 @@ class AudioSocketServer:
         if sock is not None:
             # 20 ms frames must leave as they are written, not wait for Nagle's algorithm.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        writer.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         peername = writer.get_extra_info("peername")
         peer = f"{peername[0]}:{peername[1]}" if peername else "unknown"
         conn = proto.Connection(proto.Role.SERVER)

@@ -19,9 +19,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(profile: str, env: dict[str, str] | None = None) -> Iterator[int]:
-    """Starts the server with ``profile``, waits until it says ready, yields its port; then
-    stops it with SIGTERM as an operator would."""
+def server_process(
+    profile: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """Starts the server with ``profile``, waits until it says ready, yields its port and
+    process; then stops it with SIGTERM as an operator would."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", profile],
@@ -35,7 +37,7 @@ def serving(profile: str, env: dict[str, str] | None = None) -> Iterator[int]:
         line = proc.stdout.readline()  # the ready line comes once every engine is warm
         if "ready" not in line:
             raise RuntimeError(f"the server did not start: {line.strip() or 'no output'}")
-        yield port
+        yield port, proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -43,3 +45,10 @@ def serving(profile: str, env: dict[str, str] | None = None) -> Iterator[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def serving(profile: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """:func:`server_process`, for callers that need only the port."""
+    with server_process(profile, env) as (port, _proc):
+        yield port

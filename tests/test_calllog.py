@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def test_calls_are_listed_newest_first(tmp_path: Path) -> None:
         CallLog(tmp_path, f"c{hour}", started=datetime(2026, 1, 1, hour, tzinfo=UTC)).close("x")
     assert [p.name[-3:] for p in list_calls(tmp_path)] == ["c11", "c10", "-c9"]
     assert list(list_calls(tmp_path / "missing")) == []
+
+
+def test_a_repeated_uuid_never_shares_a_log(tmp_path: Path) -> None:
+    started = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+    logs = [CallLog(tmp_path, "same-uuid", started=started) for _ in range(3)]
+    for i, log in enumerate(logs):
+        log.event("call_start", n=i)
+        log.close("caller hung up")
+    assert len({log.folder for log in logs}) == 3
+    for i, log in enumerate(logs):
+        assert [e["event"] for e in read_call(log.folder).events] == ["call_start", "call_end"]
+        assert read_call(log.folder).events[0]["n"] == i

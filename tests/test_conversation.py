@@ -313,9 +313,18 @@ def test_greeting_plays_within_300ms_of_connecting(calls_dir: Path) -> None:
     assert any(e["event"] == "greeting" for e in call_events(calls_dir))
 
 
-@pytest.mark.parametrize("stage", ["listening", "stt", "llm", "tts", "playout"])
+@pytest.mark.parametrize(
+    ("stage", "state"),
+    [
+        ("listening", "listening"),
+        ("stt", "transcribing"),
+        ("llm", "thinking"),
+        ("tts", "synthesizing"),
+        ("playout", "speaking"),
+    ],
+)
 def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
-    calls_dir: Path, stage: str
+    calls_dir: Path, stage: str, state: str
 ) -> None:
     settings, engines, assets = setup(calls_dir)
     release = threading.Event()
@@ -350,6 +359,7 @@ def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
         release.set()
     events = call_events(calls_dir)
     assert events[-1]["event"] == "call_end" and events[-1]["reason"] == "caller hung up"
+    assert events[-1]["state"] == state  # the log says where the call ended
     if stage == "llm":
         assert engines.llm.stopped_early.wait(5)  # the worker thread stopped generating
 

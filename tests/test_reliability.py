@@ -149,3 +149,15 @@ def test_a_bad_setting_stops_start_up_with_one_line_and_exit_2(tmp_path: Path) -
     assert done.stderr.strip().splitlines() == [
         "voicebot: configuration error: limits.max_calls: must be between 1 and 1000, got 0"
     ]
+
+
+def test_a_soak_of_overlapping_calls_leaves_the_server_where_it_started() -> None:
+    from bot import bench_soak
+
+    result = bench_soak.run(24, 4, progress=False)
+    assert result["growth_after_warm_up"]["fds"] <= 0
+    assert result["growth_after_warm_up"]["tasks"] <= 0
+    assert result["unclosed_logs"] == 0 and result["caller_errors"] == 0
+    assert result["end_reasons"] == {"caller hung up": 24 + result["warm_up_calls"]}
+    assert len(result["samples"]) >= 5
+    assert result["flat"], bench_soak.render(result)

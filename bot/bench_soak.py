@@ -1,0 +1,174 @@
+"""`voicebot bench soak`: hundreds of short calls, some overlapping, through `voicebot serve`.
+
+The server runs in its own process, as in production. After a warm-up, and then every tenth of
+the run, the benchmark asks it for its health (SIGUSR1 -> ``server-stats.json``: calls in
+progress, asyncio tasks, threads, open file descriptors, resident memory) once no call is in
+progress, so the numbers compare like with like. A healthy server ends where it started:
+no more tasks, threads or descriptors than after the warm-up, and memory flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from .calllog import list_calls, read_call
+from .scenarios import generate
+from .simulator import CallerSimulator, DtmfAt
+from .subserver import server_process
+
+STATS_FILE: Final = "server-stats.json"
+SAMPLES: Final = 10
+RSS_SLACK_MB: Final = 10.0  # allocator noise; growth beyond this (and 5 %) is a leak
+
+
+def sample(proc: subprocess.Popen[str], logs: Path, within: float = 10.0) -> dict[str, Any]:
+    """The server's health once no call is in progress (the last ones may still be closing
+    their logs when the callers are done)."""
+    path = logs / STATS_FILE
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = path.stat().st_mtime_ns if path.exists() else 0
+        proc.send_signal(signal.SIGUSR1)
+        while time.monotonic() < deadline:
+            if path.exists() and path.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.02)
+        data: dict[str, Any] = json.loads(path.read_text())
+        if data["calls_in_progress"] == 0:
+            return data
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not report an idle state within {within:g} s")
+
+
+async def _calls(
+    port: int, count: int, concurrency: int, turns: list[bytes], seed: int
+) -> list[Any]:
+    """``count`` short calls, ``concurrency`` at a time, with random lengths and start times."""
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> Any:
+        async with sem:
+            await asyncio.sleep(rng.uniform(0, 0.2))  # overlap, not lockstep
+            if turns:
+                sim = CallerSimulator(
+                    "127.0.0.1",
+                    port,
+                    [turns[i % len(turns)]],
+                    greeting_wait=4.0,
+                    quiet=0.8,
+                    answer_timeout=15.0,
+                    record=False,
+                )
+            else:
+                dtmf = [DtmfAt(rng.choice("0123456789*#"), 0.2)] if rng.random() < 0.3 else []
+                sim = CallerSimulator(
+                    "127.0.0.1", port, [], duration=rng.uniform(0.3, 1.5), dtmf=dtmf, record=False
+                )
+            return await sim.run()
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def run(
+    calls: int,
+    concurrency: int,
+    *,
+    profile: str = "echo",
+    env: dict[str, str] | None = None,
+    progress: bool = True,
+    seed: int = 1,
+) -> dict[str, Any]:
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    logs = Path(tempfile.mkdtemp(prefix="voicebot-soak-"))
+    turns = [sc.turns[0] for sc in generate(8)] if profile != "echo" else []
+    warm = max(4, calls // SAMPLES)
+    say(f"bench soak: starting the server (profile {profile}) ...")
+    start = time.monotonic()
+    reports: list[Any] = []
+    samples: list[dict[str, Any]] = []
+    with server_process(profile, {**(env or {}), "VOICEBOT_CALLS_DIR": str(logs)}) as (
+        port,
+        proc,
+    ):
+        say(f"bench soak: warm-up, {warm} calls ...")
+        reports += asyncio.run(_calls(port, warm, concurrency, turns, seed))
+        samples.append({"calls_done": len(reports), **sample(proc, logs)})
+        step = max(1, calls // SAMPLES)
+        while len(reports) < warm + calls:
+            n = min(step, warm + calls - len(reports))
+            reports += asyncio.run(_calls(port, n, concurrency, turns, seed + len(reports)))
+            samples.append({"calls_done": len(reports), **sample(proc, logs)})
+            s = samples[-1]
+            say(
+                f"  [{len(reports) - warm}/{calls}] rss {s['rss_mb']} MB, fds {s['fds']}, "
+                f"tasks {s['tasks']}, threads {s['threads']}, in progress "
+                f"{s['calls_in_progress']}"
+            )
+    ends: collections.Counter[str] = collections.Counter()
+    unclosed = 0
+    for folder in list_calls(logs):
+        end = read_call(folder).end
+        if end is None:
+            unclosed += 1
+        else:
+            ends[str(end["reason"])] += 1
+    base, last = samples[0], samples[-1]
+    growth = {k: round(last[k] - base[k], 1) for k in ("rss_mb", "fds", "tasks", "threads")}
+    peak_rss = max(s["rss_mb"] for s in samples)
+    flat = (
+        growth["fds"] <= 0
+        and growth["tasks"] <= 0
+        and growth["threads"] <= 0
+        and growth["rss_mb"] <= max(RSS_SLACK_MB, 0.05 * base["rss_mb"])
+        and unclosed == 0
+    )
+    return {
+        "profile": profile,
+        "calls": calls,
+        "warm_up_calls": warm,
+        "concurrency": concurrency,
+        "samples": samples,
+        "growth_after_warm_up": growth,
+        "peak_rss_mb": peak_rss,
+        "end_reasons": dict(ends),
+        "unclosed_logs": unclosed,
+        "caller_errors": sum(r.ended_by.startswith("error") for r in reports),
+        "flat": flat,
+        "wall_s": round(time.monotonic() - start, 1),
+        "logs": str(logs),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [
+        f"soak: {result['calls']} calls after {result['warm_up_calls']} warm-up, "
+        f"{result['concurrency']} at a time, profile {result['profile']}, "
+        f"{result['wall_s']} s",
+        f"{'calls':>6} {'rss MB':>8} {'fds':>5} {'tasks':>6} {'threads':>8}",
+    ]
+    for s in result["samples"]:
+        lines.append(
+            f"{s['calls_done']:>6} {s['rss_mb']:>8} {s['fds']:>5} {s['tasks']:>6} {s['threads']:>8}"
+        )
+    g = result["growth_after_warm_up"]
+    lines.append(
+        f"growth after warm-up: rss {g['rss_mb']:+} MB, fds {g['fds']:+}, tasks {g['tasks']:+}, "
+        f"threads {g['threads']:+}; peak rss {result['peak_rss_mb']} MB"
+    )
+    lines.append(f"end reasons: {result['end_reasons']}; unclosed logs {result['unclosed_logs']}")
+    lines.append("verdict: " + ("flat" if result["flat"] else "GROWING (see above)"))
+    return "\n".join(lines)
