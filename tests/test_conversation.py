@@ -22,7 +22,7 @@ from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import MARKS, Assets, ClauseSplitter, iterate_in_thread
 from bot.directory import Directory, TransferFailed
-from bot.engines import ModelUnavailable
+from bot.engines import EngineError, ModelUnavailable
 from bot.engines.llm import LlmOptions, Usage
 from bot.engines.stt import Transcript
 from bot.simulator import CallerSimulator, DtmfAt
@@ -482,3 +482,28 @@ def test_a_transfer_nobody_can_make_is_logged_and_the_call_goes_on(calls_dir: Pa
     assert first[-1]["reason"] == "caller hung up"  # the conversation went on
     assert [e["error"] for e in second if e["event"] == "transfer_failed"] == ["Channel not found"]
     assert second[-1]["reason"] == "caller hung up"
+
+
+# --- per-profile voice and LLM ------------------------------------------------------------------
+
+
+def test_a_profile_speaks_with_its_own_voice_and_a_wrong_one_stops_start_up(
+    calls_dir: Path,
+) -> None:
+    settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="tone")
+    assets.prepare()  # the voice exists: prompts are synthesized with it
+    assert set(engines.tts.voices) == {"tone", None}  # profile prompts; the busy/apology ones
+    run_call(settings, assets, [speech(0.6)], greeting_wait=0, quiet=0.5)
+    assert engines.tts.voices[-1] == "tone"  # the reply too
+    settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="af_nobody")
+    with pytest.raises(EngineError, match=r"^profiles.assistant.voice: no voice 'af_nobody'"):
+        assets.prepare()
+
+
+def test_a_profile_llm_that_cannot_load_names_the_profile(calls_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))
+    _settings, _engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_LLM=str(broken))
+    with pytest.raises(EngineError, match=r"^profiles.assistant.llm: .*broken.gguf"):
+        assets.prepare()
+    assert assets.llm_for("assistant") is assets.engines.llm  # nothing half-loaded is used

@@ -161,3 +161,19 @@ def test_a_soak_of_overlapping_calls_leaves_the_server_where_it_started() -> Non
     assert result["end_reasons"] == {"caller hung up": 24 + result["warm_up_calls"]}
     assert len(result["samples"]) >= 5
     assert result["flat"], bench_soak.render(result)
+
+
+def test_a_model_that_fails_to_load_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(64))  # a truncated model file
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "serve"],
+        env={**os.environ, "VOICEBOT_MODELS_LLM": str(broken)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("voicebot: cannot start: ") and "broken.gguf" in last
