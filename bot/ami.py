@@ -123,6 +123,7 @@ class AmiLink:
             cause=event.get("Cause", ""),
             cause_text=event.get("Cause-txt", ""),
         )
+        self.directory.forget_unless_live(call_uuid)
 
     def _on_dtmf(self, _manager: Any, event: Any) -> None:
         call_uuid = self.channels.get(event.get("Channel", ""))

@@ -110,3 +110,10 @@ class Directory:
 
     def forget(self, uuid: str) -> None:
         self._routes.pop(uuid.lower(), None)
+
+    def forget_unless_live(self, uuid: str) -> None:
+        """After Asterisk's last word on a call: drop its route unless the call is still going
+        (its log is open), so events for calls that already ended leave nothing behind."""
+        route = self.get(uuid)
+        if route is not None and route.sink is None:
+            self.forget(uuid)

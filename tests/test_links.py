@@ -108,6 +108,8 @@ def test_ari_answers_bridges_external_media_and_the_stasis_argument_picks_the_pr
                 media_id = fake.calls("POST")[2].params["channelId"]
                 await fake.push(channel_event("StasisEnd", media_id))
                 await wait_until(lambda: len(fake.calls("DELETE")) == 3)
+                ari = bot.links[0]
+                assert not ari.calls and not ari._media and len(bot.directory) == 0
             finally:
                 await bot.close(grace=2)
 
@@ -253,6 +255,8 @@ def test_ami_events_route_the_call_and_join_its_log(calls_dir: Path) -> None:
                     Event="Hangup", Channel=channel, Cause="16", Cause_txt="Normal Clearing"
                 )
                 await wait_until(lambda: bot.calls_in_progress == 0)
+                # Asterisk's last word arrived after the call ended: nothing is kept for it.
+                await wait_until(lambda: len(bot.directory) == 0 and not bot.links[0].channels)
             finally:
                 await bot.close(grace=2)
 
