@@ -83,6 +83,17 @@ def leading_silence(
     return max(0, pos - 2 * round(rate * keep_ms / 1000))
 
 
+def trailing_silence(
+    pcm: bytes, rate: int, threshold_dbfs: float = -45.0, keep_ms: float = 20.0
+) -> int:
+    """Bytes of near-silence at the end of ``pcm`` (less ``keep_ms``), in 5 ms steps."""
+    step = 2 * max(1, rate // 200)
+    pos = len(pcm) - len(pcm) % 2
+    while pos - step >= 0 and rms_dbfs(pcm[pos - step : pos]) < threshold_dbfs:
+        pos -= step
+    return max(0, len(pcm) - pos - 2 * round(rate * keep_ms / 1000))
+
+
 # --- resampling ---------------------------------------------------------------------------------
 
 

@@ -114,6 +114,10 @@ def run(
         "stages_ms": {k: summary(v) for k, v in stages.items()},
         "missed_answers": missed,
         "talk_overs": talk_overs,
+        # The longest silence inside each answer: a stall between clauses the caller hears.
+        "mid_reply_gap_ms": summary(
+            [t.longest_gap_ms for r in reports for t in r.turns if t.response_latency_ms]
+        ),
         "playout_reanchors": reanchors,
         "worst_frame_gap_ms": max((r.rx_interval_ms.get("max", 0) for r in reports), default=0),
         "wall_s": round(time.monotonic() - start, 1),
@@ -139,6 +143,12 @@ def render(result: dict[str, Any]) -> str:
         f"{result['talk_overs']}, playout re-anchors: {result['playout_reanchors']}, "
         f"worst gap between bot frames: {result['worst_frame_gap_ms']} ms"
     )
+    g = result["mid_reply_gap_ms"]
+    if g:
+        lines.append(
+            f"longest silence inside an answer: p50 {g['p50']} ms, p95 {g['p95']} ms, "
+            f"max {g['max']} ms"
+        )
     lines.append(f"call logs: {result['logs']}")
     return "\n".join(lines)
 

@@ -156,6 +156,9 @@ class TurnSettingsConfig:
     min_speech_ms: int = _setting(200, _range(20, 5000), "shorter turns are noise")
     max_utterance_s: float = _setting(15.0, _range(1, 120), "a longer turn ends at once")
     barge_in_ms: int = _setting(200, _range(60, 2000), "caller speech that stops the bot")
+    first_clause_words: int = _setting(
+        5, _range(1, 30), "longest first clause sent to TTS (shorter: heard sooner)"
+    )
 
 
 @dataclass(frozen=True, slots=True)

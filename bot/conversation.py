@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from .audio import leading_silence, resample_pcm
+from .audio import leading_silence, resample_pcm, trailing_silence
 from .call import Call
 from .config import AssistantProfile, Settings
 from .directory import TransferFailed
@@ -97,8 +97,9 @@ class ClauseSplitter:
 
     The first clause ends at the first ``, ; : . ! ?`` (after ``first_min_words`` words), or at a
     word boundary once it has ``first_max_words`` words: the sooner it is complete, the sooner the
-    caller hears something, and TTS time grows with its length. Later clauses end at sentence
-    punctuation, or at a comma once they reach ``max_words``.
+    caller hears something, and TTS time grows with its length. The second may be twice as long
+    (it is synthesized while the first plays, so it must be ready before the first ends). Later
+    clauses end at sentence punctuation, or at a comma once they reach ``max_words``.
     """
 
     def __init__(
@@ -108,7 +109,7 @@ class ClauseSplitter:
         self.first_max_words = first_max_words
         self.max_words = max_words
         self._buf = ""
-        self._first = True
+        self._clauses = 0
 
     def feed(self, piece: str) -> list[str]:
         self._buf += piece
@@ -120,30 +121,51 @@ class ClauseSplitter:
             clause, self._buf = self._buf[:cut].strip(), self._buf[cut:]
             if clause:
                 out.append(clause)
-                self._first = False
+                self._clauses += 1
 
     def flush(self) -> str | None:
         clause, self._buf = self._buf.strip(), ""
         return clause or None
 
     def _find_cut(self) -> int | None:
-        pattern = _CUT_FIRST if self._first else _CUT_LATER
+        short = self._clauses < 2  # the first two clauses are kept short
+        limit = self.first_max_words * (self._clauses + 1)
+        pattern = _CUT_FIRST if short else _CUT_LATER
         for m in pattern.finditer(self._buf):
-            if self._first and len(self._buf[: m.end()].split()) < self.first_min_words:
+            if short and len(self._buf[: m.end()].split()) < self.first_min_words:
                 continue
             return m.end()
         words = self._buf.split()
-        if self._first and len(words) > self.first_max_words:
-            # Cut after first_max_words whole words (a word is whole once the next one began).
+        if short and len(words) > limit:
+            # Cut after `limit` whole words (a word is whole once the next one began).
             end = 0
-            for word in words[: self.first_max_words]:
+            for word in words[:limit]:
                 end = self._buf.index(word, end) + len(word)
             return end
-        if not self._first and len(words) > self.max_words:
+        if not short and len(words) > self.max_words:
             comma = self._buf.rfind(", ")
             if comma > 0:
                 return comma + 1
         return None
+
+
+# --- clause audio -------------------------------------------------------------------------------
+
+# TTS wraps every clause in silence (Kokoro: ~0.3 s before, ~0.4 s after). Between clauses that
+# is a stall the caller hears, before the first it is latency. Keep a natural pause only.
+KEEP_BEFORE_MS: Final = 40
+KEEP_AFTER_SENTENCE_MS: Final = 220
+KEEP_AFTER_CLAUSE_MS: Final = 120
+
+
+def trim_clause(pcm: bytes, rate: int, text: str, *, first: bool) -> bytes:
+    """One clause's audio without the silence the TTS put around it, less a natural pause."""
+    if leading_silence(pcm, rate, keep_ms=0) >= len(pcm) - 2 * (rate // 200):
+        return b""  # nothing audible at all
+    start = leading_silence(pcm, rate, keep_ms=20 if first else KEEP_BEFORE_MS)
+    keep_after = KEEP_AFTER_SENTENCE_MS if SENTENCE_END.search(text) else KEEP_AFTER_CLAUSE_MS
+    end = len(pcm) - trailing_silence(pcm, rate, keep_ms=keep_after)
+    return pcm[start:end] if end > start else b""
 
 
 # --- running blocking generators in threads -----------------------------------------------------
@@ -515,7 +537,7 @@ class Assistant:
     async def _respond(self, turn: Turn) -> None:
         call = self.call
         executor = self.assets.executor
-        splitter = ClauseSplitter()
+        splitter = ClauseSplitter(first_max_words=self.assets.settings.turns.first_clause_words)
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         usage = Usage()
         pieces: list[str] = []
@@ -564,16 +586,16 @@ class Assistant:
             while (clause := await clauses.get()) is not None:
                 audio = iterate_in_thread(executor, self._speaker(clause, rate))
                 async with contextlib.aclosing(audio):
-                    async for pcm in audio:
-                        if not started:
-                            pcm = pcm[leading_silence(pcm, rate) :]  # the model's breath is latency
-                            if not pcm:
-                                continue
-                            started = True
-                            turn.mark("tts_first_audio")
-                            call.state = "speaking"
-                            llm_may_run.set()
-                        await call.play(pcm)
+                    pcm = b"".join([chunk async for chunk in audio])
+                pcm = trim_clause(pcm, rate, clause, first=not started)
+                if not pcm:
+                    continue
+                if not started:
+                    started = True
+                    turn.mark("tts_first_audio")
+                    call.state = "speaking"
+                    llm_may_run.set()
+                await call.play(pcm)
             llm_may_run.set()
 
         call.state = "thinking"

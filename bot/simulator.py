@@ -59,6 +59,7 @@ class TurnResult:
     response_latency_ms: float | None = None  # None: the bot did not answer (a missed answer)
     reply_seconds: float = 0.0
     talk_over_frames: int = 0  # bot frames with sound that arrived while the caller spoke
+    longest_gap_ms: float = 0.0  # the longest silence inside the reply (a stall mid-answer)
 
 
 @dataclass(slots=True)
@@ -279,6 +280,11 @@ class CallerSimulator:
                 result.response_latency_ms = round((start - latency_from) * 1000, 1)
                 end = self._last_voiced_rx or start
                 result.reply_seconds = round(max(0.0, end - start + FRAME_SECONDS), 3)
+                lo = bisect.bisect_left(self.voiced_rx_times, start)
+                hi = bisect.bisect_right(self.voiced_rx_times, end)
+                times = self.voiced_rx_times[lo:hi]
+                gaps = [b - a - FRAME_SECONDS for a, b in zip(times, times[1:], strict=False)]
+                result.longest_gap_ms = round(max(gaps, default=0.0) * 1000, 1)
         if self.duration is not None:
             remaining = self.duration - self.now()
             if remaining > 0:

@@ -20,7 +20,7 @@ import pytest
 from bot.app import handler
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
-from bot.conversation import MARKS, Assets, ClauseSplitter, iterate_in_thread
+from bot.conversation import MARKS, Assets, ClauseSplitter, iterate_in_thread, trim_clause
 from bot.directory import Directory, TransferFailed
 from bot.engines import EngineError, ModelUnavailable
 from bot.engines.llm import LlmOptions, Usage
@@ -507,3 +507,18 @@ def test_a_profile_llm_that_cannot_load_names_the_profile(calls_dir: Path, tmp_p
     with pytest.raises(EngineError, match=r"^profiles.assistant.llm: .*broken.gguf"):
         assets.prepare()
     assert assets.llm_for("assistant") is assets.engines.llm  # nothing half-loaded is used
+
+
+def test_clause_audio_loses_the_tts_padding_but_keeps_a_natural_pause() -> None:
+    rate = 8000
+    word = (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(4000) / rate)).astype("<i2")
+    pcm = bytes(2 * 2400) + word.tobytes() + bytes(2 * 3200)  # 300 ms, 500 ms, 400 ms
+
+    def ms(n: int) -> float:
+        return n / 2 / rate * 1000
+
+    first = trim_clause(pcm, rate, "Hello.", first=True)
+    assert ms(len(first)) == pytest.approx(20 + 500 + 220, abs=6)
+    later = trim_clause(pcm, rate, "and then,", first=False)
+    assert ms(len(later)) == pytest.approx(40 + 500 + 120, abs=6)
+    assert trim_clause(bytes(1600), rate, "Hm.", first=True) == b""
