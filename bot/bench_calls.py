@@ -85,7 +85,13 @@ def run(
     scenarios = generate(calls)
     logs = Path(tempfile.mkdtemp(prefix="voicebot-bench-"))
     say("bench calls: starting the server (loading and warming the engines) ...")
-    with serving("assistant", {**(env or {}), "VOICEBOT_CALLS_DIR": str(logs)}) as port:
+    server_env = {
+        # The benchmark measures latency, not the call limit: leave room for teardown races.
+        "VOICEBOT_LIMITS_MAX_CALLS": str(2 * concurrency + 2),
+        **(env or {}),
+        "VOICEBOT_CALLS_DIR": str(logs),
+    }
+    with serving("assistant", server_env) as port:
         start = time.monotonic()
         reports = asyncio.run(_run_calls(port, scenarios, concurrency, progress))
     latencies = [
@@ -94,10 +100,11 @@ def run(
     missed = sum(t.response_latency_ms is None for r in reports for t in r.turns)
     talk_overs = sum(t.talk_over_frames > 0 for r in reports for t in r.turns)
     stages: dict[str, list[float]] = {m: [] for m in MARKS[1:]}
-    reanchors = 0
+    reanchors = refused = 0
     turns_logged = []
     for folder in list_calls(logs):
         events = read_call(folder).events
+        refused += any(e["event"] == "busy" for e in events)
         for e in events:
             if e["event"] == "turn":
                 turns_logged.append(e)
@@ -113,6 +120,7 @@ def run(
         "response_latency_ms": summary(latencies),
         "stages_ms": {k: summary(v) for k, v in stages.items()},
         "missed_answers": missed,
+        "refused_busy": refused,
         "talk_overs": talk_overs,
         # The longest silence inside each answer: a stall between clauses the caller hears.
         "mid_reply_gap_ms": summary(
@@ -139,7 +147,8 @@ def render(result: dict[str, Any]) -> str:
         if s:
             lines.append(f"  {name:<16} {s['p50']:>7} / {s['p95']:>7} / {s['max']:>7}")
     lines.append(
-        f"missed answers: {result['missed_answers']}, talk-overs: "
+        f"missed answers: {result['missed_answers']}, refused as busy: "
+        f"{result['refused_busy']}, talk-overs: "
         f"{result['talk_overs']}, playout re-anchors: {result['playout_reanchors']}, "
         f"worst gap between bot frames: {result['worst_frame_gap_ms']} ms"
     )

@@ -103,7 +103,13 @@ def run(
     start = time.monotonic()
     reports: list[Any] = []
     samples: list[dict[str, Any]] = []
-    with server_process(profile, {**(env or {}), "VOICEBOT_CALLS_DIR": str(logs)}) as (
+    server_env = {
+        # The benchmark measures calls, not the limit: leave room for teardown races.
+        "VOICEBOT_LIMITS_MAX_CALLS": str(2 * concurrency + 2),
+        **(env or {}),
+        "VOICEBOT_CALLS_DIR": str(logs),
+    }
+    with server_process(profile, server_env) as (
         port,
         proc,
     ):
@@ -122,13 +128,14 @@ def run(
                 f"{s['calls_in_progress']}"
             )
     ends: collections.Counter[str] = collections.Counter()
-    unclosed = 0
+    unclosed = refused = 0
     for folder in list_calls(logs):
-        end = read_call(folder).end
-        if end is None:
+        call = read_call(folder)
+        refused += any(e["event"] == "busy" for e in call.events)
+        if call.end is None:
             unclosed += 1
         else:
-            ends[str(end["reason"])] += 1
+            ends[str(call.end["reason"])] += 1
     base, middle, last = samples[0], samples[len(samples) // 2], samples[-1]
     growth = {k: round(last[k] - base[k], 1) for k in ("rss_mb", "fds", "tasks", "threads")}
     second_half_rss = round(last["rss_mb"] - middle["rss_mb"], 1)
@@ -140,6 +147,7 @@ def run(
         and growth["rss_mb"] <= max(RSS_SLACK_MB, 0.05 * base["rss_mb"])
         and second_half_rss <= RSS_SLACK_MB
         and unclosed == 0
+        and refused == 0
     )
     return {
         "profile": profile,
@@ -152,6 +160,7 @@ def run(
         "peak_rss_mb": peak_rss,
         "end_reasons": dict(ends),
         "unclosed_logs": unclosed,
+        "refused_busy": refused,
         "caller_errors": sum(r.ended_by.startswith("error") for r in reports),
         "flat": flat,
         "wall_s": round(time.monotonic() - start, 1),
@@ -176,6 +185,9 @@ def render(result: dict[str, Any]) -> str:
         f"threads {g['threads']:+}; rss over the second half "
         f"{result['rss_growth_second_half_mb']:+} MB; peak rss {result['peak_rss_mb']} MB"
     )
-    lines.append(f"end reasons: {result['end_reasons']}; unclosed logs {result['unclosed_logs']}")
+    lines.append(
+        f"end reasons: {result['end_reasons']}; unclosed logs {result['unclosed_logs']}; "
+        f"refused as busy {result['refused_busy']}"
+    )
     lines.append("verdict: " + ("flat" if result["flat"] else "GROWING (see above)"))
     return "\n".join(lines)

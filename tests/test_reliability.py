@@ -158,6 +158,7 @@ def test_a_soak_of_overlapping_calls_leaves_the_server_where_it_started() -> Non
     assert result["growth_after_warm_up"]["fds"] <= 0
     assert result["growth_after_warm_up"]["tasks"] <= 0
     assert result["unclosed_logs"] == 0 and result["caller_errors"] == 0
+    assert result["refused_busy"] == 0
     assert result["end_reasons"] == {"caller hung up": 24 + result["warm_up_calls"]}
     assert len(result["samples"]) >= 5
     assert result["flat"], bench_soak.render(result)
