@@ -24,7 +24,6 @@ from bot.conversation import (
     MARKS,
     Assets,
     ClauseSplitter,
-    PriorityGate,
     iterate_in_thread,
     trim_clause,
 )
@@ -529,36 +528,3 @@ def test_clause_audio_loses_the_tts_padding_but_keeps_a_natural_pause() -> None:
     later = trim_clause(pcm, rate, "and then,", first=False)
     assert ms(len(later)) == pytest.approx(40 + 500 + 120, abs=6)
     assert trim_clause(bytes(1600), rate, "Hm.", first=True) == b""
-
-
-def test_the_tts_gate_serves_first_clauses_first_and_survives_cancellation() -> None:
-    async def main() -> list[str]:
-        gate = PriorityGate()
-        order: list[str] = []
-        release = asyncio.Event()
-
-        async def use(name: str, priority: int, hold: bool = False) -> None:
-            async with gate.hold(priority):
-                order.append(name)
-                if hold:
-                    await release.wait()
-
-        first = asyncio.create_task(use("holder", 1, hold=True))
-        await asyncio.sleep(0)
-        waiting = [
-            asyncio.create_task(use("later A", 1)),
-            asyncio.create_task(use("first X", 0)),
-            asyncio.create_task(use("gone", 0)),
-            asyncio.create_task(use("later B", 1)),
-            asyncio.create_task(use("first Y", 0)),
-        ]
-        await asyncio.sleep(0)
-        waiting[2].cancel()  # a caller hung up while waiting for the TTS
-        release.set()
-        await first
-        await asyncio.gather(*waiting, return_exceptions=True)
-        async with gate.hold(0):  # and the gate is free again
-            order.append("after")
-        return order
-
-    assert asyncio.run(main()) == ["holder", "first X", "first Y", "later A", "later B", "after"]
