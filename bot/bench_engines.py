@@ -100,7 +100,7 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         out["model"] = llm_o.model
         out["load_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        "".join(llm.stream([{"role": "user", "content": "Say hello."}], max_tokens=8))
+        llm.warm_up()
         out["warm_up_s"] = time.perf_counter() - start
         conv = Conversation(llm, max_tokens=llm_o.max_tokens)
         firsts, rates = [], []

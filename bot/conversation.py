@@ -160,9 +160,11 @@ KEEP_AFTER_CLAUSE_MS: Final = 120
 
 def trim_clause(pcm: bytes, rate: int, text: str, *, first: bool) -> bytes:
     """One clause's audio without the silence the TTS put around it, less a natural pause."""
-    if leading_silence(pcm, rate, keep_ms=0) >= len(pcm) - 2 * (rate // 200):
+    silent = leading_silence(pcm, rate, keep_ms=0)
+    if silent >= len(pcm) - 2 * (rate // 200):
         return b""  # nothing audible at all
-    start = leading_silence(pcm, rate, keep_ms=20 if first else KEEP_BEFORE_MS)
+    keep_before = 20 if first else KEEP_BEFORE_MS
+    start = max(0, silent - 2 * round(rate * keep_before / 1000))
     keep_after = KEEP_AFTER_SENTENCE_MS if SENTENCE_END.search(text) else KEEP_AFTER_CLAUSE_MS
     end = len(pcm) - trailing_silence(pcm, rate, keep_ms=keep_after)
     return pcm[start:end] if end > start else b""
@@ -269,7 +271,7 @@ class Assets:
         llm_options = dataclasses.replace(options(self.settings.models)[1], model=model)
         try:
             llm = LlamaLlm(llm_options)
-            "".join(llm.stream([{"role": "user", "content": "Say hello."}], max_tokens=4))
+            llm.warm_up()
         except EngineError as exc:
             raise EngineError(f"profiles.{name}.llm: {exc}") from exc
         return llm
@@ -501,8 +503,9 @@ class Assistant:
         if not profile.transfer_extension:
             call.calllog.event("transfer_unavailable", why=why, reason="no transfer_extension")
             return
-        control = call.route.control if call.route is not None else None
-        if control is None:
+        route = call.route
+        control = route.control if route is not None else None
+        if route is None or control is None:
             call.calllog.event(
                 "transfer_unavailable", why=why, reason="no ARI or AMI link knows this call"
             )
@@ -514,9 +517,8 @@ class Assistant:
         call.calllog.event("transfer", why=why, to=target, via=control.name)
         await call.play(self.assets.prompt(f"transfer:{call.profile_name}", call.rate))
         await call.playout.drain()
-        assert call.route is not None
         try:
-            await control.transfer(call.route, profile.transfer_context, profile.transfer_extension)
+            await control.transfer(route, profile.transfer_context, profile.transfer_extension)
         except TransferFailed as exc:
             call.calllog.event("transfer_failed", to=target, error=str(exc))
             call.state = "listening"

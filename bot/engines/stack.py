@@ -107,7 +107,6 @@ class Engines:
         self.timing.warm_up["stt"] = time.perf_counter() - start
         start = time.perf_counter()
         self._say("warming up LLM ...")
-        reply = "".join(self.llm.stream([{"role": "user", "content": "Say hello."}], max_tokens=8))
-        if not reply.strip():
+        if not self.llm.warm_up().strip():
             raise EngineError("LLM warm-up produced no text")
         self.timing.warm_up["llm"] = time.perf_counter() - start
