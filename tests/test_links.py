@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +336,38 @@ def test_a_refused_ami_login_stops_start_up_without_showing_the_secret(calls_dir
             assert AMI_SECRET not in str(err.value)
 
     asyncio.run(main())
+
+
+def test_voicebot_originate_command(calls_dir: Path) -> None:
+    fake = FakeAmi("voicebot", AMI_SECRET)
+    ready = threading.Event()
+    stop: asyncio.Future[None] | None = None
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        nonlocal stop
+        async with fake.running():
+            stop = loop.create_future()
+            ready.set()
+            await stop
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        env = {**os.environ, "VOICEBOT_AMI_PORT": str(fake.port)}
+        cmd = [sys.executable, "-m", "bot", "originate", "PJSIP/16", "--profile", "assistant"]
+        no_secret = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert no_secret.returncode == 2
+        assert "ami.secret: set VOICEBOT_AMI_SECRET" in no_secret.stderr
+        env["VOICEBOT_AMI_SECRET"] = AMI_SECRET
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "PJSIP/16: answered (PJSIP/16-00000001)"
+    finally:
+        assert stop is not None
+        loop.call_soon_threadsafe(stop.set_result, None)
+        thread.join(10)
+        loop.close()
+    [originate] = [a for a in fake.actions if a["Action"] == "Originate"]
+    assert (originate["Context"], originate["Exten"]) == ("voicebot-outbound", "assistant")
