@@ -101,11 +101,17 @@ class ModelSettings:
         "", _one_of("", "kokoro", "piper"), "kokoro | piper (default: pack's)"
     )
     tts_backend: str = _setting("onnx", _one_of("onnx", "torch"), "Kokoro backend")
+    tts_streaming: bool = _setting(True, None, "Kokoro ONNX: first audio before the sentence")
     voice: str = _setting("", None, "TTS voice (default: from the pack)")
     threads: int = _setting(2, _range(1, 64), "CPU threads per engine")
     stt_beam_size: int = _setting(1, _range(1, 10), "Whisper beam size")
     llm_max_tokens: int = _setting(50, _range(1, 2048), "longest reply, in tokens")
     llm_n_ctx: int = _setting(2048, _range(256, 32768), "LLM context window, in tokens")
+    llm_extra_buffers: str = _setting(
+        "auto",
+        _one_of("auto", "on", "off"),
+        "llama.cpp's CPU-specific weight layouts (auto: off in a build with AMX)",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +160,13 @@ class TurnSettingsConfig:
     hangover_complete_ms: int = _setting(250, _range(100, 5000), "... after a question")
     hangover_incomplete_ms: int = _setting(900, _range(100, 5000), "... after a trailing word")
     min_speech_ms: int = _setting(200, _range(20, 5000), "shorter turns are noise")
+    reply_ahead: bool = _setting(
+        True, None, "start the reply at a pause, play it if the pause ends the turn"
+    )
     max_utterance_s: float = _setting(15.0, _range(1, 120), "a longer turn ends at once")
     barge_in_ms: int = _setting(200, _range(60, 2000), "caller speech that stops the bot")
     first_clause_words: int = _setting(
-        5, _range(1, 30), "longest first clause sent to TTS (shorter: heard sooner)"
+        3, _range(1, 30), "longest first clause sent to TTS (shorter: heard sooner)"
     )
 
 

@@ -7,12 +7,16 @@ and reacts to its events:
 
 - ``Paused``: transcribe the utterance so far *speculatively*, while the caller may still go on.
   The transcript also tells the detector whether the words form a complete turn (adaptive
-  hangover). ``Resumed`` makes the speculation stale.
-- ``EndOfTurn``: use the speculative transcript if no voiced frame came after it, else
-  transcribe now; then start the reply as one task.
+  hangover) and, unless they trail off, starts the reply *ahead*: LLM and TTS run during the
+  hangover, and the audio waits for the endpoint. ``Resumed`` makes the speculation and the
+  reply ahead stale: both are dropped, and the reply never joins the dialogue's history.
+- ``EndOfTurn``: let the reply ahead out if no voiced frame came after its pause; else use the
+  speculative transcript if no voiced frame came after it, or transcribe now; then start the
+  reply as one task.
 - The reply task streams LLM tokens (in a worker thread) into a clause splitter; each clause
   goes to TTS as soon as it is complete (the first one short), and audio chunks go to the
-  playout buffer as they are synthesized, while the LLM goes on.
+  playout buffer as they are synthesized (Kokoro ONNX yields a clause in several windows),
+  while the LLM goes on.
 - The half-duplex gate is closed while the playout clock is actually writing the bot's audio,
   plus an echo tail; barge-in (optional) cancels the reply task, drops unplayed audio and keeps
   the caller's words as the next turn.
@@ -154,20 +158,55 @@ class ClauseSplitter:
 # TTS wraps every clause in silence (Kokoro: ~0.3 s before, ~0.4 s after). Between clauses that
 # is a stall the caller hears, before the first it is latency. Keep a natural pause only.
 KEEP_BEFORE_MS: Final = 40
+KEEP_BEFORE_FIRST_MS: Final = 20
 KEEP_AFTER_SENTENCE_MS: Final = 220
 KEEP_AFTER_CLAUSE_MS: Final = 120
 
 
-def trim_clause(pcm: bytes, rate: int, text: str, *, first: bool) -> bytes:
-    """One clause's audio without the silence the TTS put around it, less a natural pause."""
-    silent = leading_silence(pcm, rate, keep_ms=0)
-    if silent >= len(pcm) - 2 * (rate // 200):
-        return b""  # nothing audible at all
-    keep_before = 20 if first else KEEP_BEFORE_MS
-    start = max(0, silent - 2 * round(rate * keep_before / 1000))
-    keep_after = KEEP_AFTER_SENTENCE_MS if SENTENCE_END.search(text) else KEEP_AFTER_CLAUSE_MS
-    end = len(pcm) - trailing_silence(pcm, rate, keep_ms=keep_after)
-    return pcm[start:end] if end > start else b""
+class ClauseTrimmer:
+    """One clause's audio, piece by piece as the TTS streams it, without the silence the TTS
+    put around it, less a natural pause.
+
+    Nothing audible is held back: silence before the first sound is dropped (but the last
+    ``KEEP_BEFORE_MS``), and silence at the end of each piece waits for the next one, which
+    either goes on speaking (the silence was a pause inside the clause and is played) or the
+    clause ends (:meth:`end` returns the pause after it, exactly ``KEEP_AFTER_*_MS`` long).
+    """
+
+    def __init__(self, rate: int, text: str, *, first: bool) -> None:
+        self.rate = rate
+        keep_before = KEEP_BEFORE_FIRST_MS if first else KEEP_BEFORE_MS
+        keep_after = KEEP_AFTER_SENTENCE_MS if SENTENCE_END.search(text) else KEEP_AFTER_CLAUSE_MS
+        self._before = 2 * round(rate * keep_before / 1000)
+        self._after = 2 * round(rate * keep_after / 1000)
+        self._heard = False
+        self._silence = b""  # held back: before the first sound, or after the latest
+
+    @property
+    def heard(self) -> bool:
+        """Whether anything audible came yet."""
+        return self._heard
+
+    def feed(self, pcm: bytes) -> bytes:
+        """The part of ``pcm`` to play now."""
+        pcm = self._silence + pcm
+        if not self._heard:
+            silent = leading_silence(pcm, self.rate, keep_ms=0)
+            if silent >= len(pcm) - 2 * (self.rate // 200):  # nothing audible yet
+                self._silence = pcm[len(pcm) - min(len(pcm), self._before) :]
+                return b""
+            self._heard = True
+            pcm = pcm[max(0, silent - self._before) :]
+        cut = len(pcm) - trailing_silence(pcm, self.rate, keep_ms=0)
+        self._silence = pcm[cut:]
+        return pcm[:cut]
+
+    def end(self) -> bytes:
+        """The pause after the clause (nothing if the clause was silent)."""
+        if not self._heard:
+            return b""
+        pause = self._silence[: self._after]
+        return pause + bytes(self._after - len(pause))
 
 
 # --- running blocking generators in threads -----------------------------------------------------
@@ -302,6 +341,8 @@ class Turn:
     reply: str = ""
     stt_speculative: bool = False
     interrupted: bool = False
+    # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str, t: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if t is None else t)
@@ -347,6 +388,8 @@ class Assistant:
         )
         self._speculation: tuple[int, asyncio.Task[tuple[Transcript, float]]] | None = None
         self._reply: asyncio.Task[None] | None = None
+        # A reply started at a pause, before the endpoint (voiced frames then, its turn).
+        self._ahead: tuple[int, Turn] | None = None
         self._turn: Turn | None = None
         self._turns = 0
         self._carry = ""  # words of a turn whose reply was cut off before it was heard
@@ -420,7 +463,9 @@ class Assistant:
             if self._speculation is not None:
                 self._speculation[1].cancel()
                 self._speculation = None
+            await self._drop_ahead()
         elif isinstance(event, Discarded):
+            await self._drop_ahead()
             self.call.calllog.event("turn_discarded", reason=event.reason)
         elif isinstance(event, EndOfTurn):
             await self._end_of_turn(event)
@@ -441,12 +486,55 @@ class Assistant:
 
         def hint(done: asyncio.Task[tuple[Transcript, float]]) -> None:
             if not done.cancelled() and done.exception() is None and detector.in_speech:
-                detector.hint_complete(looks_complete(done.result()[0].text))
+                complete = looks_complete(done.result()[0].text)
+                detector.hint_complete(complete)
+                if complete is not False and self._speculation == (paused.voiced_frames, done):
+                    self._reply_ahead(paused.voiced_frames, *done.result())
 
         task.add_done_callback(hint)
         self._speculation = (paused.voiced_frames, task)
 
+    def _reply_ahead(self, voiced_frames: int, transcript: Transcript, done_t: float) -> None:
+        """Starts the reply to the words so far while the caller pauses: if the pause becomes
+        the endpoint, the answer is already on its way (its audio waits for the endpoint);
+        if the caller goes on, it is dropped, and never joins the conversation's history."""
+        text = f"{self._carry} {transcript.text}".strip()
+        if (
+            not self.assets.settings.turns.reply_ahead
+            or not re.search(r"\w", text)
+            or (self.profile.transfer_extension and WANTS_PERSON.search(text))
+            or (self._reply is not None and not self._reply.done())
+        ):
+            return
+        turn = Turn(self._turns + 1, transcript=text, stt_speculative=True)
+        turn.mark("stt_done", done_t)
+        self._ahead = (voiced_frames, turn)
+        self._reply = asyncio.create_task(
+            self._respond(turn), name=f"{self.call.session.uuid}-reply-ahead-{turn.index}"
+        )
+
+    async def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead[1].release.is_set():
+            await self._cancel_reply()
+
     async def _end_of_turn(self, end: EndOfTurn) -> None:
+        ahead = self._ahead
+        reply = self._reply
+        if ahead is not None and ahead[0] == end.voiced_frames and reply is not None:
+            # No voiced frame since the pause: the reply started then is the answer.
+            self._ahead = self._speculation = None
+            turn = ahead[1]
+            self._turns = turn.index
+            turn.mark("speech_end", end.speech_end)
+            turn.mark("endpoint", end.t)
+            self._carry = ""
+            self._turn = turn
+            if not reply.done() and "tts_first_audio" not in turn.marks:
+                self.call.state = "synthesizing" if "first_clause" in turn.marks else "thinking"
+            turn.release.set()
+            return
+        await self._drop_ahead()
         self.call.state = "transcribing"
         self._turns += 1
         turn = Turn(self._turns)
@@ -481,6 +569,7 @@ class Assistant:
             self._transfer_asked = "asked for a person"
             return
         self._turn = turn
+        turn.release.set()
         self._reply = asyncio.create_task(
             self._respond(turn), name=f"{self.call.session.uuid}-reply-{turn.index}"
         )
@@ -548,14 +637,17 @@ class Assistant:
         pieces: list[str] = []
         # On 2 cores the LLM decoding on and the TTS synthesizing the first clause slow each
         # other down; the first clause is what the caller waits for, so the LLM pauses between
-        # tokens from the first clause until its first audio is out.
+        # tokens from the first clause until that clause is synthesized (its audio streams
+        # out as it is made, and must not fall behind the playout).
         llm_may_run = threading.Event()
         llm_may_run.set()
 
         def tokens() -> Iterator[str]:
             llm = self.llm
             text = ""
-            for piece in self.dialogue.reply(turn.transcript, usage=usage):
+            for piece in self.dialogue.reply(
+                turn.transcript, usage=usage, keep=turn.release.is_set
+            ):
                 # Never hold the model paused while another call waits for it.
                 if not llm.contended:
                     llm_may_run.wait(2.0)
@@ -575,7 +667,8 @@ class Assistant:
                         for clause in splitter.feed(piece):
                             if "first_clause" not in turn.marks:
                                 turn.mark("first_clause")
-                                call.state = "synthesizing"
+                                if turn.release.is_set():
+                                    call.state = "synthesizing"
                                 llm_may_run.clear()
                             clauses.put_nowait(clause)
                 rest = splitter.flush()
@@ -585,41 +678,65 @@ class Assistant:
             finally:
                 clauses.put_nowait(None)
 
-        async def talk() -> None:
-            rate = call.rate
-            started = False
-            while (clause := await clauses.get()) is not None:
-                async with self.assets.tts_gate:
-                    audio = iterate_in_thread(executor, self._speaker(clause, rate))
-                    async with contextlib.aclosing(audio):
-                        pcm = b"".join([chunk async for chunk in audio])
-                pcm = trim_clause(pcm, rate, clause, first=not started)
-                if not pcm:
-                    continue
-                if not started:
-                    started = True
-                    turn.mark("tts_first_audio")
-                    call.state = "speaking"
-                    llm_may_run.set()
-                await call.play(pcm)
-            llm_may_run.set()
+        played: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-        call.state = "thinking"
+        async def talk() -> None:
+            """Synthesizes clause after clause; ``play`` sends the audio on as it comes."""
+            rate = call.rate
+            try:
+                while (clause := await clauses.get()) is not None:
+                    first = "tts_first_audio" not in turn.marks
+                    trimmer = ClauseTrimmer(rate, clause, first=first)
+                    async with self.assets.tts_gate:
+                        audio = iterate_in_thread(executor, self._speaker(clause, rate))
+                        async with contextlib.aclosing(audio):
+                            async for chunk in audio:
+                                if pcm := trimmer.feed(chunk):
+                                    turn.mark("tts_first_audio")
+                                    played.put_nowait(pcm)
+                    if trimmer.heard:
+                        played.put_nowait(trimmer.end())
+                        if not llm_may_run.is_set():
+                            await turn.release.wait()  # a reply ahead goes no further
+                            llm_may_run.set()  # the first clause is synthesized
+            finally:
+                played.put_nowait(None)
+
+        async def play() -> None:
+            await turn.release.wait()  # a reply ahead of the endpoint waits for it
+            while (pcm := await played.get()) is not None:
+                call.state = "speaking"
+                await call.play(pcm)
+
+        if turn.release.is_set():
+            call.state = "thinking"
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
                 tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
+                tg.create_task(play(), name=f"{call.session.uuid}-play-{turn.index}")
             await call.playout.drain()
             call.state = "listening"
         finally:
+            llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = "".join(pieces).strip()
-            call.calllog.event(
-                "turn",
-                index=turn.index,
-                transcript=turn.transcript,
-                reply=turn.reply,
-                stt_speculative=turn.stt_speculative,
-                interrupted=turn.interrupted or asyncio.current_task().cancelling() > 0,  # type: ignore[union-attr]
-                llm_tokens=usage.completion_tokens,
-                marks_ms=turn.relative_ms(),
-            )
+            if turn.release.is_set():
+                call.calllog.event(
+                    "turn",
+                    index=turn.index,
+                    transcript=turn.transcript,
+                    reply=turn.reply,
+                    stt_speculative=turn.stt_speculative,
+                    interrupted=turn.interrupted or asyncio.current_task().cancelling() > 0,  # type: ignore[union-attr]
+                    llm_tokens=usage.completion_tokens,
+                    llm_wait_ms=round(usage.wait_s * 1000, 1),
+                    llm_first_token_ms=round((usage.first_token_s or 0.0) * 1000, 1),
+                    marks_ms=turn.relative_ms(),
+                )
+            else:  # the caller went on: this reply was never heard
+                call.calllog.event(
+                    "reply_ahead_dropped",
+                    transcript=turn.transcript,
+                    reply=turn.reply,
+                    llm_tokens=usage.completion_tokens,
+                )

@@ -23,9 +23,10 @@ from bot.config import Settings
 from bot.conversation import (
     MARKS,
     Assets,
+    Assistant,
     ClauseSplitter,
+    ClauseTrimmer,
     iterate_in_thread,
-    trim_clause,
 )
 from bot.directory import Directory, TransferFailed
 from bot.engines import EngineError, ModelUnavailable
@@ -115,6 +116,8 @@ class FakeTts:
         self.texts: list[str] = []
         self.voices: list[str | None] = []
         self.hold: threading.Event | None = None
+        self.streaming: threading.Event | None = None  # set when the bot is first heard
+        self.heard_first: list[bool] = []
 
     def check_voice(self, voice: str) -> None:
         if voice not in ("", "tone"):
@@ -126,7 +129,14 @@ class FakeTts:
         self.texts.append(text)
         self.voices.append(voice)
         n = round(0.06 * 8000 * len(text.split()))
-        yield (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
+        if self.streaming is None:
+            yield tone
+            return
+        # Streaming, like Kokoro ONNX: the second half only once the first was heard.
+        yield tone[: n // 2]
+        self.heard_first.append(self.streaming.wait(5))
+        yield tone[n // 2 :]
 
 
 @dataclass
@@ -258,10 +268,45 @@ def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark
     marks = turn["marks_ms"]
     assert set(marks) == set(MARKS)  # every mark, in pipeline order:
     assert marks["speech_end"] == 0.0 and marks["endpoint"] >= 400
-    # the speculative transcript was ready before the endpoint was decided
+    # the speculative transcript was ready before the endpoint was decided, and the reply was
+    # prepared during the hangover: its audio waited for the endpoint
+    ordered = ["stt_done", "llm_first_token", "first_clause", "tts_first_audio", "endpoint"]
+    assert [marks[m] for m in ordered] == sorted(marks[m] for m in ordered)
+    assert marks["endpoint"] <= marks["first_frame_out"] <= marks["endpoint"] + 100
+    assert not [e for e in events if e["event"] == "reply_ahead_dropped"]
+
+
+def test_without_reply_ahead_the_reply_starts_at_the_endpoint(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir, VOICEBOT_TURNS_REPLY_AHEAD="false")
+    run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    marks = turn["marks_ms"]
     assert marks["stt_done"] <= marks["endpoint"]
     ordered = ["endpoint", "llm_first_token", "first_clause", "tts_first_audio", "first_frame_out"]
     assert [marks[m] for m in ordered] == sorted(marks[m] for m in ordered)
+
+
+def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause(
+    calls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, engines, assets = setup(calls_dir)
+    heard = engines.tts.streaming = threading.Event()
+    first_heard = Assistant._on_voice_start
+
+    def on_voice_start(self: Assistant, t: float) -> None:
+        first_heard(self, t)
+        heard.set()
+
+    monkeypatch.setattr(Assistant, "_on_voice_start", on_voice_start)
+    sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    [result] = sim.report.turns
+    # The TTS held the rest of the first clause until its first half was on the wire.
+    assert engines.tts.heard_first[0] is True
+    assert result.response_latency_ms is not None and result.talk_over_frames == 0
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["reply"] == "Sure, here is the answer you wanted." and not turn["interrupted"]
+    marks = turn["marks_ms"]
+    assert marks["first_clause"] <= marks["tts_first_audio"] <= marks["first_frame_out"]
 
 
 def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Path) -> None:
@@ -274,6 +319,26 @@ def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Pat
     assert len(engines.stt.calls) >= 2 and min(engines.stt.calls) < 1.0
     assert max(engines.stt.calls) > 1.4
     assert turn["transcript"] == f"I spoke for {max(engines.stt.calls):.1f} seconds"
+
+
+def test_a_reply_started_at_a_pause_is_dropped_when_the_caller_goes_on(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    sim = run_call(
+        settings, assets, [speech(0.6) + pause(0.35) + speech(0.6)], greeting_wait=0, quiet=0.5
+    )
+    events = call_events(calls_dir)
+    [dropped] = [e for e in events if e["event"] == "reply_ahead_dropped"]
+    [turn] = [e for e in events if e["event"] == "turn"]
+    partial = f"I spoke for {min(engines.stt.calls):.1f} seconds"
+    assert dropped["transcript"] == partial  # it answered the words before the pause ...
+    assert turn["transcript"] == f"I spoke for {max(engines.stt.calls):.1f} seconds"
+    assert turn["index"] == 1  # ... was never a turn of its own ...
+    # ... and never reached the caller or the conversation's history.
+    [result] = sim.report.turns
+    assert result.talk_over_frames == 0
+    last_prompt = engines.llm.prompts[-1]
+    assert [m["content"] for m in last_prompt if m["role"] == "user"] == [turn["transcript"]]
+    assert not [m for m in last_prompt if m["role"] == "assistant"]
 
 
 def test_the_gate_ignores_the_caller_while_the_bot_speaks(calls_dir: Path) -> None:
@@ -515,16 +580,40 @@ def test_a_profile_llm_that_cannot_load_names_the_profile(calls_dir: Path, tmp_p
     assert assets.llm_for("assistant") is assets.engines.llm  # nothing half-loaded is used
 
 
-def test_clause_audio_loses_the_tts_padding_but_keeps_a_natural_pause() -> None:
-    rate = 8000
-    word = (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(4000) / rate)).astype("<i2")
-    pcm = bytes(2 * 2400) + word.tobytes() + bytes(2 * 3200)  # 300 ms, 500 ms, 400 ms
+def _tone(seconds: float, rate: int = 8000) -> bytes:
+    n = round(seconds * rate)
+    return (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(n) / rate)).astype("<i2").tobytes()
 
-    def ms(n: int) -> float:
-        return n / 2 / rate * 1000
 
-    first = trim_clause(pcm, rate, "Hello.", first=True)
-    assert ms(len(first)) == pytest.approx(20 + 500 + 220, abs=6)
-    later = trim_clause(pcm, rate, "and then,", first=False)
-    assert ms(len(later)) == pytest.approx(40 + 500 + 120, abs=6)
-    assert trim_clause(bytes(1600), rate, "Hm.", first=True) == b""
+def _ms(pcm: bytes, rate: int = 8000) -> float:
+    return len(pcm) / 2 / rate * 1000
+
+
+def _trimmed(pcm: bytes, text: str, *, first: bool, pieces: int = 1) -> bytes:
+    trimmer = ClauseTrimmer(8000, text, first=first)
+    size = -(-len(pcm) // pieces) // 2 * 2
+    out = b"".join(trimmer.feed(pcm[i : i + size]) for i in range(0, len(pcm), size))
+    return out + trimmer.end()
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 7])
+def test_clause_audio_loses_the_tts_padding_but_keeps_a_natural_pause(pieces: int) -> None:
+    pcm = bytes(2 * 2400) + _tone(0.5) + bytes(2 * 3200)  # 300 ms, 500 ms, 400 ms
+    first = _trimmed(pcm, "Hello.", first=True, pieces=pieces)
+    assert _ms(first) == pytest.approx(20 + 500 + 220, abs=11)  # silence is found in 5 ms steps
+    later = _trimmed(pcm, "and then,", first=False, pieces=pieces)
+    assert _ms(later) == pytest.approx(40 + 500 + 120, abs=11)
+    assert _trimmed(bytes(1600), "Hm.", first=True, pieces=pieces) == b""
+
+
+def test_clause_trimmer_plays_sound_at_once_and_keeps_a_pause_inside_the_clause() -> None:
+    trimmer = ClauseTrimmer(8000, "Well, yes.", first=True)
+    assert trimmer.feed(bytes(2 * 800)) == b""  # 100 ms of padding: nothing to play yet
+    assert not trimmer.heard
+    now = trimmer.feed(_tone(0.2) + bytes(2 * 1200))  # sound, then 150 ms of pause
+    assert trimmer.heard
+    assert _ms(now) == pytest.approx(20 + 200, abs=6)  # the sound is not held back
+    later = trimmer.feed(_tone(0.1))
+    assert _ms(later) == pytest.approx(150 + 100, abs=6)  # the pause inside stays
+    # The TTS left no silence at the end: the pause after a sentence is made up.
+    assert trimmer.end() == bytes(2 * round(8000 * 0.22))

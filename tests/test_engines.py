@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,16 +17,26 @@ from bot import audiosocket as p
 from bot.audio import pcm_to_float
 from bot.doctor import word_errors
 from bot.engines import ModelUnavailable
-from bot.engines.llm import Conversation, LlamaLlm, LlmOptions, Usage
+from bot.engines.llm import (
+    Conversation,
+    LlamaLlm,
+    LlmOptions,
+    Usage,
+    _model_params,
+    built_with_amx,
+)
 from bot.engines.models import CATALOG, materialize
 from bot.engines.stt import SttOptions, WhisperStt
 from bot.engines.tts import (
+    FIRST_WINDOW_FRAMES,
     KOKORO_RATE,
+    PAD_MARGIN_FRAMES,
     KokoroG2P,
     KokoroOnnx,
     KokoroTorch,
     PiperTts,
     TtsOptions,
+    _KokoroStreamer,
     sentences,
     speak,
 )
@@ -98,18 +109,83 @@ def test_kokoro_yields_the_first_sentence_before_synthesizing_the_rest(
     kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    real = kokoro._infer
+    real = kokoro._stream
 
-    def counting(phonemes: str, style: Any) -> np.ndarray:
+    def counting(phonemes: str, style: Any) -> Iterator[np.ndarray]:
         calls.append(phonemes)
         return real(phonemes, style)
 
-    monkeypatch.setattr(kokoro, "_infer", counting)
+    monkeypatch.setattr(kokoro, "_stream", counting)
     chunks: Iterator[bytes] = speak(kokoro, "Hello there. This is a second sentence.", 8000)
     first = next(chunks)
     assert len(first) > 0 and len(calls) == 1  # audio is out before sentence two is started
     rest = list(chunks)
     assert len(calls) == 2 and rest
+
+
+def test_kokoro_streams_a_sentence_in_windows_that_sound_like_the_whole(
+    g2p: KokoroG2P, kokoro: KokoroOnnx, whisper: WhisperStt, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    streamer = kokoro.streaming
+    assert streamer is not None  # the offline pack's graph is the one the cut is made for
+    runs: list[int] = []  # frames per vocoder run
+    real = streamer.generator
+
+    class Counting:
+        def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
+            runs.append(next(v for v in feeds.values() if v.ndim == 3).shape[2])
+            return real.run(outputs, feeds)
+
+    monkeypatch.setattr(streamer, "generator", Counting())
+    sentence = "Our office opens at nine in the morning, and closes at five."
+    pieces = kokoro.synthesize(sentence)
+    first = next(pieces)
+    assert len(runs) == 1  # the first audio after one short window of the vocoder
+    assert 0.2 <= len(first) / KOKORO_RATE <= 0.5
+    audio = np.concatenate([first, *pieces])
+    assert len(runs) >= 3
+    whole = KokoroOnnx(TtsOptions(streaming=False), g2p=g2p, progress=False)
+    assert whole.streaming is None
+    one_shot = np.concatenate(list(whole.synthesize(sentence)))
+    # The same speech, less most of the silence the pad tokens would have been vocoded into.
+    assert 0.7 * len(one_shot) <= len(audio) < len(one_shot)
+    assert np.sqrt(np.mean(audio**2)) == pytest.approx(np.sqrt(np.mean(one_shot**2)), rel=0.3)
+    boundary_jumps = np.abs(np.diff(audio)).max()
+    assert boundary_jumps < 0.5  # windows are faded into each other, no clicks
+    pcm = b"".join(speak(kokoro, sentence, 8000))
+    heard = whisper.transcribe(pcm, 8000).text
+    assert wer(sentence.replace("nine", "9").replace("five", "5"), heard) <= 0.15, heard
+
+
+def test_kokoro_window_plan_covers_the_speech_once() -> None:
+    # 2 frames per duration unit; pads of 14 and 8 units (28 and 16 frames) around the words.
+    durations = np.array([14, 3, 5, 20, 30, 40, 8], dtype=np.float32)
+    frames = int(2 * durations.sum())
+    windows = _KokoroStreamer.windows(frames, durations)
+    start, end = 28 - PAD_MARGIN_FRAMES, frames - 16 + PAD_MARGIN_FRAMES
+    assert windows[0] == (start, start + PAD_MARGIN_FRAMES + FIRST_WINDOW_FRAMES)
+    assert windows[-1][1] == end
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
+    sizes = [b - a for a, b in windows]
+    assert all(later >= earlier for earlier, later in zip(sizes, sizes[1:-1], strict=False))
+    # A clause shorter than one window is one window.
+    assert _KokoroStreamer.windows(40, np.array([5, 5, 10], dtype=np.float32)) == [(2, 28)]
+
+
+def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["tokens"], ["audio"])],
+        "other-export",
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [1, None])],
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, [1, None])],
+    )
+    path = tmp_path / "other.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert _KokoroStreamer.split(path, ort.SessionOptions()) is None
 
 
 def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
@@ -177,6 +253,32 @@ def test_llm_streams_a_reply_in_pieces(llm: LlamaLlm) -> None:
     pieces = list(llm.stream([{"role": "user", "content": "Say hello to Anna."}], usage=usage))
     assert len(pieces) > 1 and "".join(pieces).strip()
     assert usage.first_token_s is not None and usage.first_token_s <= usage.total_s
+
+
+def test_llm_without_extra_buffers_loads_and_answers() -> None:
+    # What the bot does with a llama.cpp built with AMX (which crashes on such a prompt).
+    llm = LlamaLlm(LlmOptions(extra_buffers="off", seed=7), progress=False)
+    assert llm.extra_buffers is False
+    text = "".join(llm.stream([{"role": "user", "content": "Say hello to Anna."}], max_tokens=8))
+    assert text.strip()
+
+
+def test_extra_buffers_are_off_only_while_a_model_loads() -> None:
+    class Params:
+        use_extra_bufts = True
+
+    low = SimpleNamespace(llama_model_default_params=Params)
+    with _model_params(low, extra_buffers=False):
+        assert low.llama_model_default_params().use_extra_bufts is False
+    assert low.llama_model_default_params is Params
+    with _model_params(low, extra_buffers=True):
+        assert low.llama_model_default_params().use_extra_bufts is True
+    low.llama_print_system_info = lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
+    assert built_with_amx(low)
+    low.llama_print_system_info = lambda: b"CPU : AVX2 = 1 | REPACK = 1 | "
+    assert not built_with_amx(low)
+    with pytest.raises(ModelUnavailable, match="extra_buffers must be auto, on or off"):
+        LlamaLlm(LlmOptions(extra_buffers="maybe"), progress=False)
 
 
 def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:

@@ -6,13 +6,21 @@ evaluated and reuses its longest common prefix on the next one, so a conversatio
 evaluate only the new words; the system prompt, shared by every call of a profile, stays cached
 even when calls alternate. Generation is serialized by a lock (a llama context is not
 thread-safe); a conversation holds it only while it generates.
+
+llama.cpp moves some weights into "extra" buffer types with CPU-specific layouts (AMX tiles,
+repacked Q4). Built on a CPU with AMX, llama-cpp-python 0.3.36 picks the AMX layout and then
+crashes the process (SIGSEGV) on the first prompt of more than one token (seen on a Sapphire
+Rapids VM). scripts/bootstrap compiles AMX out (``-mno-amx-*``); for a build that has it anyway
+(a wheel built elsewhere), ``extra_buffers = "auto"`` turns the extra layouts off, at some speed
+(no repacked Q4: 22 instead of ~36 tokens a second here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -35,12 +43,50 @@ class LlmOptions:
     top_p: float = 0.9
     seed: int = -1
     stop: tuple[str, ...] = ()
+    extra_buffers: str = "auto"  # llama.cpp's extra weight layouts: auto (off if built with AMX)
+
+
+def built_with_amx(low_level: Any) -> bool:
+    """Whether this llama.cpp build uses Intel AMX (it does where it was compiled on a CPU
+    with AMX and without ``-mno-amx-*``, as scripts/bootstrap compiles it)."""
+    try:
+        info = low_level.llama_print_system_info()
+    except Exception:
+        return False
+    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    return "AMX_INT8 = 1" in text
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(low_level: Any, *, extra_buffers: bool) -> Iterator[None]:
+    """``Llama()`` builds its model parameters itself from ``llama_cpp.llama_cpp``'s defaults:
+    have them use (or not) llama.cpp's extra buffer types while one model loads."""
+    if extra_buffers:
+        yield
+        return
+    default = low_level.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with _PARAMS_LOCK:
+        low_level.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low_level.llama_model_default_params = default
 
 
 @dataclass(slots=True)
 class Usage:
     completion_tokens: int = 0
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # after the model was free (prompt evaluation included)
+    wait_s: float = 0.0  # waiting for another generation to end
     total_s: float = 0.0
     finish_reason: str | None = None
 
@@ -49,9 +95,17 @@ class LlamaLlm:
     def __init__(self, options: LlmOptions | None = None, *, progress: bool = True) -> None:
         self.options = o = options or LlmOptions()
         try:
+            import llama_cpp.llama_cpp as low_level  # where Llama() takes its defaults from
             from llama_cpp import Llama
         except ImportError as exc:  # pragma: no cover - a dependency of the package
             raise ModelUnavailable(f"llama-cpp-python is not installed ({exc})") from exc
+        if o.extra_buffers not in ("auto", "on", "off"):
+            raise ModelUnavailable(
+                f"extra_buffers must be auto, on or off, not {o.extra_buffers!r}"
+            )
+        self.extra_buffers = o.extra_buffers == "on" or (
+            o.extra_buffers == "auto" and not built_with_amx(low_level)
+        )
         self.resolved = resolve(
             o.model.split(":")[0] if ":" in o.model else o.model, "llm", progress=progress
         )
@@ -63,17 +117,21 @@ class LlamaLlm:
             seed=o.seed,
         )
         try:
-            if self.resolved.source == "huggingface":
-                repo, _, filename = o.model.partition(":")
-                self._llm: Any = Llama.from_pretrained(repo, filename or "*q4_k_m.gguf", **kwargs)
-            else:
-                self._llm = Llama(model_path=str(self.resolved.path), **kwargs)
+            with _model_params(low_level, extra_buffers=self.extra_buffers):
+                self._llm: Any = self._load(Llama, kwargs)
         except Exception as exc:
             raise ModelUnavailable(f"cannot load LLM {o.model!r}: {exc}") from exc
         self._lock = threading.Lock()
         # Generations queued behind the one running (a hint for throttling, so an unlocked
         # count is good enough).
         self._waiting = 0
+
+    def _load(self, llama: Any, kwargs: dict[str, Any]) -> Any:
+        o = self.options
+        if self.resolved.source == "huggingface":
+            repo, _, filename = o.model.partition(":")
+            return llama.from_pretrained(repo, filename or "*q4_k_m.gguf", **kwargs)
+        return llama(model_path=str(self.resolved.path), **kwargs)
 
     @property
     def contended(self) -> bool:
@@ -108,6 +166,8 @@ class LlamaLlm:
             self._lock.acquire()
         finally:
             self._waiting -= 1
+        usage.wait_s = time.perf_counter() - start
+        start += usage.wait_s
         try:
             try:
                 chunks = self._llm.create_chat_completion(
@@ -156,10 +216,17 @@ class Conversation:
             msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
         return [{"role": "system", "content": self.system_prompt}, *msgs]
 
-    def reply(self, user_text: str, *, usage: Usage | None = None) -> Iterator[str]:
+    def reply(
+        self,
+        user_text: str,
+        *,
+        usage: Usage | None = None,
+        keep: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
         """Streams the reply. The turn joins the history when the stream ends, also when the
         caller of this generator stops early (a short answer, or barge-in): then the history
-        holds what was generated."""
+        holds what was generated. ``keep``, asked at that moment, can say the exchange never
+        happened (a reply started ahead of the caller's last word, then dropped)."""
         pieces: list[str] = []
         try:
             for piece in self.llm.stream(
@@ -168,13 +235,14 @@ class Conversation:
                 pieces.append(piece)
                 yield piece
         finally:
-            self.history += [
-                {"role": "user", "content": user_text},
-                {"role": "assistant", "content": "".join(pieces).strip()},
-            ]
-            # Keep the stored history bounded too (the prompt is trimmed again at each turn).
-            if len(self.history) > 40:
-                del self.history[:2]
+            if keep is None or keep():
+                self.history += [
+                    {"role": "user", "content": user_text},
+                    {"role": "assistant", "content": "".join(pieces).strip()},
+                ]
+                # Keep the stored history bounded (the prompt is trimmed again at each turn).
+                if len(self.history) > 40:
+                    del self.history[:2]
 
 
 __all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]

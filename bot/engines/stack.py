@@ -50,6 +50,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         threads=m.threads,
         max_tokens=m.llm_max_tokens,
         n_ctx=m.llm_n_ctx,
+        extra_buffers=m.llm_extra_buffers,
     )
     engine = m.tts_engine or pack["tts_engine"]
     tts = TtsOptions(
@@ -58,6 +59,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         model=m.tts or pack["tts"],
         voice=m.voice or pack["voice"],
         threads=m.threads,
+        streaming=m.tts_streaming,
     )
     return stt, llm, tts
 
