@@ -273,6 +273,9 @@ class Assets:
         # Calls take the TTS in arrival order (threading.Lock promises no order). Serving first
         # clauses before other calls' later ones was measured slower at 4 calls (README).
         self.tts_gate = asyncio.Lock()
+        # Replies of any call whose LLM or TTS work is not done: a call replies ahead of the
+        # caller's endpoint only while there is none (guesswork must not slow a real answer).
+        self.replies_working = 0
 
     def llm_for(self, profile: str) -> Any:
         return self.llms.get(profile, self.engines.llm)
@@ -504,6 +507,7 @@ class Assistant:
             or not re.search(r"\w", text)
             or (self.profile.transfer_extension and WANTS_PERSON.search(text))
             or (self._reply is not None and not self._reply.done())
+            or self.assets.replies_working > 0
         ):
             return
         turn = Turn(self._turns + 1, transcript=text, stt_speculative=True)
@@ -710,14 +714,21 @@ class Assistant:
 
         if turn.release.is_set():
             call.state = "thinking"
+        assets = self.assets
+        assets.replies_working += 1
+        working = True
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
                 tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
-                tg.create_task(play(), name=f"{call.session.uuid}-play-{turn.index}")
+                await play()
+            assets.replies_working -= 1
+            working = False
             await call.playout.drain()
             call.state = "listening"
         finally:
+            if working:
+                assets.replies_working -= 1
             llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = "".join(pieces).strip()
             if turn.release.is_set():
