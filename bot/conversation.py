@@ -7,8 +7,8 @@ and reacts to its events:
 
 - ``Paused``: transcribe the utterance so far *speculatively*, while the caller may still go on.
   The transcript also tells the detector whether the words form a complete turn (adaptive
-  hangover) and, unless they trail off, starts the reply *ahead*: LLM and TTS run during the
-  hangover, and the audio waits for the endpoint. ``Resumed`` makes the speculation and the
+  hangover) and starts the reply *ahead*: LLM and TTS run during the hangover, and the audio
+  waits for the endpoint. ``Resumed`` makes the speculation and the
   reply ahead stale: both are dropped, and the reply never joins the dialogue's history.
 - ``EndOfTurn``: let the reply ahead out if no voiced frame came after its pause; else use the
   speculative transcript if no voiced frame came after it, or transcribe now; then start the
@@ -489,9 +489,8 @@ class Assistant:
 
         def hint(done: asyncio.Task[tuple[Transcript, float]]) -> None:
             if not done.cancelled() and done.exception() is None and detector.in_speech:
-                complete = looks_complete(done.result()[0].text)
-                detector.hint_complete(complete)
-                if complete is not False and self._speculation == (paused.voiced_frames, done):
+                detector.hint_complete(looks_complete(done.result()[0].text))
+                if self._speculation == (paused.voiced_frames, done):
                     self._reply_ahead(paused.voiced_frames, *done.result())
 
         task.add_done_callback(hint)
