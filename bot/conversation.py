@@ -699,9 +699,9 @@ class Assistant:
                                     played.put_nowait(pcm)
                     if trimmer.heard:
                         played.put_nowait(trimmer.end())
-                        if not llm_may_run.is_set():
-                            await turn.release.wait()  # a reply ahead goes no further
-                            llm_may_run.set()  # the first clause is synthesized
+                    if not llm_may_run.is_set():
+                        await turn.release.wait()  # a reply ahead goes no further
+                        llm_may_run.set()  # the first clause is synthesized
             finally:
                 played.put_nowait(None)
 
