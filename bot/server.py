@@ -35,6 +35,9 @@ TRANSPORT_HIGH_WATER: Final = 4096  # drain() waits above this
 # call's playout task running after its call had ended.
 
 CALLER_HUNG_UP: Final = "caller hung up"
+# After our 0x00, how long we keep reading (and dropping) what Asterisk still sends before we
+# close anyway: Asterisk closes within milliseconds of a hangup frame.
+LINGER: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,19 @@ class Session:
         if not self._closed and not self._writer.is_closing():
             with contextlib.suppress(SessionEnded, proto.LocalProtocolError):
                 await self._write(self._conn.send(proto.Hangup()))
+                await self._linger()
         await self.close()
+
+    async def _linger(self) -> None:
+        """Half-closes, then drops what the peer still sends until it closes too (at most
+        ``LINGER``). Closing a socket that has unread data sends a reset instead of a FIN, and
+        the peer's writes after our close meet one: it would see an error, not our 0x00."""
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+            async with asyncio.timeout(LINGER):
+                while await self._reader.read(READ_SIZE):
+                    pass
 
     async def close(self) -> None:
         if self._closed:

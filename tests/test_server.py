@@ -201,6 +201,58 @@ def test_silent_wire_ends_the_call(calls_dir: Path) -> None:
     assert end["reason"] == "no frame from Asterisk for 0.4 s"
 
 
+def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_close(
+    calls_dir: Path,
+) -> None:
+    settings = make_settings(calls_dir)
+
+    async def leaves_at_once(call: Call) -> None:
+        await call.next_audio()
+
+    async def handle(session: Session) -> None:
+        await Call(
+            session, "leave", settings.profile("echo"), settings, behaviour=leaves_at_once
+        ).run()
+
+    async def flooding_call(port: int) -> tuple[list[p.Event], bool]:
+        """Sends audio as fast as it can until the bot's 0x00, like a peer whose frames are
+        in flight when the bot hangs up; then reads to the end."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sim = p.Connection(p.Role.CLIENT)
+        writer.write(sim.send(p.Uuid(uuid.uuid4())))
+        frame = sim.send(p.Audio(8000, bytes(320)))
+        events: list[p.Event] = []
+        reset = False
+        try:
+            while not events or not isinstance(events[-1], p.Closed):
+                writer.write(frame * 10)
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), 0.02)
+                except TimeoutError:
+                    continue
+                sim.receive_data(data)
+                events += sim.events()
+                if any(isinstance(e, p.Hangup) for e in events):
+                    break
+            while not events or not isinstance(events[-1], p.Closed):
+                sim.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+                events += sim.events()
+        except ConnectionError:
+            reset = True
+        writer.close()
+        return events, reset
+
+    async def main() -> list[tuple[list[p.Event], bool]]:
+        async with running_server(settings, handle) as server:
+            return [await flooding_call(server.address[1]) for _ in range(5)]
+
+    for events, reset in asyncio.run(main()):
+        assert not reset  # the bot closed only after the peer did: no reset
+        kinds = [type(e) for e in events]
+        assert kinds[-2:] == [p.Hangup, p.Closed]  # the 0x00, then a FIN
+        assert set(kinds[:-2]) <= {p.Audio}  # (the playout clock's silence before it)
+
+
 def test_bot_hangs_up_with_a_hangup_frame_and_behaviour_errors_stay_in_their_call(
     calls_dir: Path,
 ) -> None:
