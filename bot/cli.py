@@ -402,7 +402,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .subserver import serving
 
     results = []
-    with serving("echo", {"VOICEBOT_CALLS_DIR": args.calls_dir}) as port:
+    # Pacing is measured on as many calls as asked for, not on busy prompts: lift the limit.
+    env = {"VOICEBOT_CALLS_DIR": args.calls_dir, "VOICEBOT_LIMITS_MAX_CALLS": str(max(args.calls))}
+    with serving("echo", env) as port:
         for n in args.calls:
             print(f"pacing: {n} concurrent echo call(s) for {args.seconds:g} s", file=sys.stderr)
             reports = asyncio.run(_pacing_run(port, n, args.seconds, not args.json))

@@ -262,3 +262,20 @@ def test_voicebot_serve_and_call_commands_end_to_end(tmp_path: Path) -> None:
         timeout=30,
     )
     assert "call_start" in show.stdout and "call_end" in show.stdout
+
+
+def test_bench_pacing_serves_every_call_it_asks_for(tmp_path: Path) -> None:
+    # More calls than the default [limits] max_calls: pacing is measured on calls, not on
+    # busy prompts that end after a few seconds.
+    run = subprocess.run(
+        [sys.executable, "-m", "bot", "bench", "pacing", "--calls", "6", "--seconds", "6"]
+        + ["--json", "--calls-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    [result] = json.loads(run.stdout)
+    assert result["calls"] == 6
+    assert min(result["frames_per_call"]) >= 290  # 6 s of 20 ms frames, every call
