@@ -146,8 +146,13 @@ class Session:
         self.frames_out += 1
 
     async def _write(self, data: bytes) -> None:
-        if self._closed or self._writer.is_closing():
+        if self._closed:
             raise SessionEnded("connection already closed")
+        if self._writer.is_closing():
+            # Not closed by us: an earlier write met a reset (asyncio closes the transport and
+            # drain() may not say so). The caller is gone, even if the reader has not seen it.
+            self._end(CALLER_HUNG_UP)
+            raise SessionEnded(self.end_reason)
         self._writer.write(data)
         try:
             async with asyncio.timeout(self._timeouts.write):

@@ -13,7 +13,7 @@ from bot import audiosocket as p
 from bot.audio import silence
 from bot.call import Call, CallEnded, echo
 from bot.calllog import list_calls, read_call
-from bot.server import Session, Timeouts
+from bot.server import Session, SessionEnded, Timeouts
 from bot.simulator import CallerSimulator
 
 from .conftest import fixture_stream, make_settings, running_server, tone, wait_until
@@ -251,6 +251,28 @@ def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_
         kinds = [type(e) for e in events]
         assert kinds[-2:] == [p.Hangup, p.Closed]  # the 0x00, then a FIN
         assert set(kinds[:-2]) <= {p.Audio}  # (the playout clock's silence before it)
+
+
+def test_a_transport_closed_by_a_reset_means_the_caller_hung_up(calls_dir: Path) -> None:
+    settings = make_settings(calls_dir)
+    seen: list[tuple[str, str | None]] = []
+
+    async def handle(session: Session) -> None:
+        # What asyncio does when a write meets a reset, before the reader has seen the end.
+        session._writer.transport.abort()
+        with pytest.raises(SessionEnded) as ended:
+            await session.send_audio(bytes(320))
+        seen.append((str(ended.value), session.end_reason))
+
+    async def main() -> None:
+        async with running_server(settings, handle) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.address[1])
+            writer.write(p.Connection(p.Role.CLIENT).send(p.Uuid(uuid.uuid4())))
+            await wait_until(lambda: bool(seen))
+            writer.close()
+
+    asyncio.run(main())
+    assert seen == [("caller hung up", "caller hung up")]
 
 
 def test_bot_hangs_up_with_a_hangup_frame_and_behaviour_errors_stay_in_their_call(
