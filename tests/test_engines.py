@@ -128,6 +128,7 @@ def test_kokoro_streams_a_sentence_in_windows_that_sound_like_the_whole(
 ) -> None:
     streamer = kokoro.streaming
     assert streamer is not None  # the offline pack's graph is the one the cut is made for
+    assert kokoro.session is None  # the whole graph is not loaded a second time
     runs: list[int] = []  # frames per vocoder run
     real = streamer.generator
 

@@ -222,13 +222,19 @@ class KokoroOnnx(_KokoroBase):
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(resolved.path), sess_options=so, providers=["CPUExecutionProvider"]
-        )
-        self._inputs = {i.name for i in self.session.get_inputs()}
         self.streaming: _KokoroStreamer | None = None
         if options.streaming:
             self.streaming = _KokoroStreamer.split(Path(resolved.path), so)
+        # The whole graph in one session only where it is run whole (the halves hold it all).
+        self.session: Any = None
+        if self.streaming is None:
+            self.session = ort.InferenceSession(
+                str(resolved.path), sess_options=so, providers=["CPUExecutionProvider"]
+            )
+            entry = self.session
+        else:
+            entry = self.streaming.front  # takes the model's inputs
+        self._inputs = {i.name for i in entry.get_inputs()}
         super().__init__(options, g2p)
 
     def _style(self, voice: str) -> Any:
