@@ -713,21 +713,18 @@ class Assistant:
 
         if turn.release.is_set():
             call.state = "thinking"
-        assets = self.assets
-        assets.replies_working += 1
-        working = True
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
-                tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
-                await play()
-            assets.replies_working -= 1
-            working = False
+            self.assets.replies_working += 1
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
+                    tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
+                    await play()
+            finally:
+                self.assets.replies_working -= 1
             await call.playout.drain()
             call.state = "listening"
         finally:
-            if working:
-                assets.replies_working -= 1
             llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = "".join(pieces).strip()
             if turn.release.is_set():
