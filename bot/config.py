@@ -102,6 +102,12 @@ class ModelSettings:
     )
     tts_backend: str = _setting("onnx", _one_of("onnx", "torch"), "Kokoro backend")
     tts_streaming: bool = _setting(True, None, "Kokoro ONNX: first audio before the sentence")
+    tts_vocoder: str = _setting(
+        "auto",
+        _one_of("auto", "onnx", "torch"),
+        "Kokoro ONNX streaming: the vocoder on onnxruntime, or on PyTorch in bfloat16 "
+        "(auto: torch where the CPU has bfloat16 units)",
+    )
     voice: str = _setting("", None, "TTS voice (default: from the pack)")
     threads: int = _setting(2, _range(1, 64), "CPU threads per engine")
     stt_beam_size: int = _setting(1, _range(1, 10), "Whisper beam size")

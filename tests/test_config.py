@@ -129,6 +129,11 @@ def test_model_settings_and_packs() -> None:
         config.load(None, {"VOICEBOT_MODELS_PACK": "huge"})
     with pytest.raises(ConfigError, match="models.tts_backend: must be one of onnx, torch"):
         config.load(None, {"VOICEBOT_MODELS_TTS_BACKEND": "tensorflow"})
+    assert custom[2].vocoder == "auto"
+    vocoder = options(config.load(None, {"VOICEBOT_MODELS_TTS_VOCODER": "onnx"}).models)[2]
+    assert vocoder.vocoder == "onnx"
+    with pytest.raises(ConfigError, match="models.tts_vocoder: must be one of auto, onnx, torch"):
+        config.load(None, {"VOICEBOT_MODELS_TTS_VOCODER": "gpu"})
 
 
 def test_assistant_profiles_and_turn_settings(tmp_path: Path) -> None:

@@ -28,7 +28,13 @@ from bot.engines.llm import (
 from bot.engines.models import CATALOG, materialize
 from bot.engines.stt import SttOptions, WhisperStt
 from bot.engines.tts import (
+    _GEN_FEATURES,
+    _GEN_SOURCE,
+    _GEN_STYLE,
+    BUCKET_FRAMES,
+    CONTEXT_FRAMES,
     FIRST_WINDOW_FRAMES,
+    KOKORO_HOP,
     KOKORO_RATE,
     PAD_MARGIN_FRAMES,
     KokoroG2P,
@@ -40,6 +46,7 @@ from bot.engines.tts import (
     sentences,
     speak,
 )
+from bot.engines.vocoder import TorchVocoder
 
 from .conftest import fixture_stream
 
@@ -123,28 +130,46 @@ def test_kokoro_yields_the_first_sentence_before_synthesizing_the_rest(
     assert len(calls) == 2 and rest
 
 
+@pytest.mark.parametrize("vocoder", ["onnx", "torch"])
 def test_kokoro_streams_a_sentence_in_windows_that_sound_like_the_whole(
-    g2p: KokoroG2P, kokoro: KokoroOnnx, whisper: WhisperStt, monkeypatch: pytest.MonkeyPatch
+    g2p: KokoroG2P,
+    whisper: WhisperStt,
+    monkeypatch: pytest.MonkeyPatch,
+    vocoder: str,
 ) -> None:
+    kokoro = KokoroOnnx(TtsOptions(vocoder=vocoder), g2p=g2p, progress=False)
     streamer = kokoro.streaming
     assert streamer is not None  # the offline pack's graph is the one the cut is made for
     assert kokoro.session is None  # the whole graph is not loaded a second time
     runs: list[int] = []  # frames per vocoder run
-    real = streamer.generator
+    if vocoder == "torch":
+        assert streamer.vocoder is not None and streamer.generator is None
+        real_vocoder = streamer.vocoder.run
 
-    class Counting:
-        def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
-            runs.append(next(v for v in feeds.values() if v.ndim == 3).shape[2])
-            return real.run(outputs, feeds)
+        def counting_vocoder(features: Any, source: Any, style: Any) -> Any:
+            runs.append(features.shape[2])
+            return real_vocoder(features, source, style)
 
-    monkeypatch.setattr(streamer, "generator", Counting())
+        monkeypatch.setattr(streamer.vocoder, "run", counting_vocoder)
+    else:
+        assert streamer.vocoder is None
+        real = streamer.generator
+
+        class Counting:
+            def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
+                runs.append(next(v for v in feeds.values() if v.ndim == 3).shape[2])
+                return real.run(outputs, feeds)
+
+        monkeypatch.setattr(streamer, "generator", Counting())
     sentence = "Our office opens at nine in the morning, and closes at five."
     pieces = kokoro.synthesize(sentence)
     first = next(pieces)
     assert len(runs) == 1  # the first audio after one short window of the vocoder
     assert 0.2 <= len(first) / KOKORO_RATE <= 0.5
     audio = np.concatenate([first, *pieces])
-    assert len(runs) >= 3
+    assert len(runs) >= 2
+    if vocoder == "torch":  # whole buckets: each length prepared once, at load
+        assert all(n % BUCKET_FRAMES == 0 for n in runs), runs
     whole = KokoroOnnx(TtsOptions(streaming=False), g2p=g2p, progress=False)
     assert whole.streaming is None
     one_shot = np.concatenate(list(whole.synthesize(sentence)))
@@ -156,6 +181,58 @@ def test_kokoro_streams_a_sentence_in_windows_that_sound_like_the_whole(
     pcm = b"".join(speak(kokoro, sentence, 8000))
     heard = whisper.transcribe(pcm, 8000).text
     assert wer(sentence.replace("nine", "9").replace("five", "5"), heard) <= 0.15, heard
+
+
+def log_spectral_distance(a: np.ndarray, b: np.ndarray, n: int = 256) -> float:
+    """Mean over frames of the RMS difference of the two log spectra, in dB."""
+
+    def spectra(x: np.ndarray) -> np.ndarray:
+        window = np.hanning(n)
+        frames = [x[i : i + n] * window for i in range(0, len(x) - n, n // 2)]
+        return 20 * np.log10(np.abs(np.fft.rfft(frames, axis=1)) + 1e-6)
+
+    return float(np.mean(np.sqrt(np.mean((spectra(a) - spectra(b)) ** 2, axis=1))))
+
+
+def test_torch_vocoder_sounds_like_onnxruntimes(g2p: KokoroG2P) -> None:
+    """The same generator on PyTorch in bfloat16, weights read out of the ONNX graph: as close
+    to onnxruntime's int8 run as the int8 model is to its own float version (5.2 dB)."""
+    onnx_side = KokoroOnnx(TtsOptions(vocoder="onnx"), g2p=g2p, progress=False)
+    torch_side = KokoroOnnx(TtsOptions(vocoder="torch"), g2p=g2p, progress=False)
+    a, b = onnx_side.streaming, torch_side.streaming
+    assert a is not None and b is not None and a.generator is not None and b.vocoder is not None
+    feeds = onnx_side._feeds(g2p("The capital of France is Paris."), onnx_side.style)
+    assert feeds is not None
+    features, source, _ = a.front.run(None, feeds)
+    style = np.ascontiguousarray(feeds["style"][:, :128])
+    (reference,) = a.generator.run(
+        None, {_GEN_FEATURES: features, _GEN_SOURCE: source, _GEN_STYLE: style}
+    )[:1]
+    reference = np.asarray(reference, dtype=np.float32).reshape(-1)
+    ported = b.vocoder.run(features, source, style)
+    assert ported.dtype == np.float32 and len(ported) == len(reference)
+    assert len(ported) == features.shape[2] * KOKORO_HOP
+    assert log_spectral_distance(reference, ported) < 6.5
+    assert np.sqrt(np.mean(ported**2)) == pytest.approx(np.sqrt(np.mean(reference**2)), rel=0.2)
+    # A model that is not Kokoro's has no generator to port.
+    from onnx import helper
+
+    with pytest.raises(ModelUnavailable, match="generator"):
+        TorchVocoder.from_onnx(helper.make_model(helper.make_graph([], "empty", [], [])), 2)
+
+
+def test_vocoder_choice(kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from bot.engines import tts
+
+    model = onnx.load(str(kokoro.resolved.path))
+    assert _KokoroStreamer._torch_vocoder(model, "onnx", 2) is None
+    monkeypatch.setattr(tts, "cpu_has_bf16", lambda: False)
+    assert _KokoroStreamer._torch_vocoder(model, "auto", 2) is None  # no bfloat16 units
+    assert _KokoroStreamer._torch_vocoder(model, "torch", 2) is not None  # asked for
+    monkeypatch.setattr(tts, "cpu_has_bf16", lambda: True)
+    assert _KokoroStreamer._torch_vocoder(model, "auto", 2) is not None
 
 
 def test_kokoro_window_plan_covers_the_speech_once() -> None:
@@ -171,6 +248,12 @@ def test_kokoro_window_plan_covers_the_speech_once() -> None:
     assert all(later >= earlier for earlier, later in zip(sizes, sizes[1:-1], strict=False))
     # A clause shorter than one window is one window.
     assert _KokoroStreamer.windows(40, np.array([5, 5, 10], dtype=np.float32)) == [(2, 28)]
+    # For PyTorch's vocoder each window is twice as long *with* its context: 64, 128, 256.
+    long = np.array([14, *[10] * 40, 8], dtype=np.float32)
+    bucketed = _KokoroStreamer.windows(int(2 * long.sum()), long, bucketed=True)
+    sizes = [b - a for a, b in bucketed]
+    assert sizes[:3] == [32, 96, 224]
+    assert [s + 2 * CONTEXT_FRAMES for s in sizes[:3]] == [BUCKET_FRAMES, 128, 256]
 
 
 def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path: Path) -> None:

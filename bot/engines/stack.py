@@ -60,6 +60,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         voice=m.voice or pack["voice"],
         threads=m.threads,
         streaming=m.tts_streaming,
+        vocoder=m.tts_vocoder,
     )
     return stt, llm, tts
 
