@@ -634,32 +634,40 @@ class Assistant:
     async def _respond(self, turn: Turn) -> None:
         call = self.call
         executor = self.assets.executor
-        splitter = ClauseSplitter(first_max_words=self.assets.settings.turns.first_clause_words)
+        first_words = self.assets.settings.turns.first_clause_words
+        splitter = ClauseSplitter(first_max_words=first_words)
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         usage = Usage()
         pieces: list[str] = []
         # On 2 cores the LLM decoding on and the TTS synthesizing the first clause slow each
-        # other down; the first clause is what the caller waits for, so the LLM pauses between
-        # tokens from the first clause until that clause is synthesized (its audio streams
-        # out as it is made, and must not fall behind the playout).
+        # other down; the first clause is what the caller waits for, so the LLM pauses from
+        # the first clause until that clause is synthesized (its audio streams out as it is
+        # made, and must not fall behind the playout). The worker sees the clause complete
+        # itself (the same splitter, fed the same pieces) and pauses before decoding the next
+        # token: told by the event loop, it would decode one more token alongside the TTS.
         llm_may_run = threading.Event()
         llm_may_run.set()
 
         def tokens() -> Iterator[str]:
             llm = self.llm
             text = ""
+            first_clause = ClauseSplitter(first_max_words=first_words)
+            first_seen = False
             for piece in self.dialogue.reply(
                 turn.transcript, usage=usage, keep=turn.release.is_set
             ):
-                # Never hold the model paused while another call waits for it.
-                if not llm.contended:
-                    llm_may_run.wait(2.0)
+                if not first_seen and first_clause.feed(piece):
+                    first_seen = True
+                    llm_may_run.clear()  # before the piece is out: ``talk`` sets it again
                 yield piece
                 text += piece
                 # A phone answer is short: stop at the end of the first sentence that
                 # brings the reply to MIN_REPLY_WORDS (the model and the TTS are freed sooner).
                 if SENTENCE_END.search(text) and len(text.split()) >= MIN_REPLY_WORDS:
                     return
+                # Never hold the model paused while another call waits for it.
+                if not llm.contended:
+                    llm_may_run.wait(2.0)
 
         async def think() -> None:
             try:
@@ -672,7 +680,6 @@ class Assistant:
                                 turn.mark("first_clause")
                                 if turn.release.is_set():
                                     call.state = "synthesizing"
-                                llm_may_run.clear()
                             clauses.put_nowait(clause)
                 rest = splitter.flush()
                 if rest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 import uuid as uuid_mod
@@ -307,6 +308,40 @@ def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause
     assert turn["reply"] == "Sure, here is the answer you wanted." and not turn["interrupted"]
     marks = turn["marks_ms"]
     assert marks["first_clause"] <= marks["tts_first_audio"] <= marks["first_frame_out"]
+
+
+def test_the_llm_decodes_nothing_while_the_first_clause_is_synthesized(calls_dir: Path) -> None:
+    """The worker pauses itself once its pieces complete the first clause: it does not decode
+    one more token alongside the TTS (told by the event loop, it did)."""
+    settings, engines, assets = setup(calls_dir)
+    past_first = threading.Event()  # the LLM was asked for a token after the first clause
+
+    class WatchedLlm(FakeLlm):
+        def stream(self, messages: list[dict[str, str]], **kw: Any) -> Iterator[str]:
+            pieces = super().stream(messages, **kw)
+            for i in itertools.count():
+                if i == 2:  # "Sure," is complete once " here" began
+                    past_first.set()
+                piece = next(pieces, None)
+                if piece is None:
+                    return
+                yield piece
+
+    overlapped: list[bool] = []
+
+    class WatchedTts(FakeTts):
+        def synthesize(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+            if text == "Sure,":  # waits for a decode that must not come
+                overlapped.append(past_first.wait(0.5))
+            yield from super().synthesize(text, voice)
+
+    engines.llm = WatchedLlm()
+    engines.tts = WatchedTts()
+    run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    assert overlapped == [False]
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["reply"] == "Sure, here is the answer you wanted."
+    assert engines.tts.texts[0] == "Sure,"
 
 
 def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Path) -> None:
