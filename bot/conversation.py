@@ -305,6 +305,10 @@ class Assets:
                 self._synthesize(f"transfer:{name}", profile.transfer_message, profile.voice)
         self._synthesize("busy", self.settings.limits.busy_message, "")
         self._synthesize("apology", self.settings.limits.apology_message, "")
+        # The first call's prompt starts with its profile's system prompt: have it evaluated.
+        default = self.settings.profiles.get(self.settings.server.profile)
+        if isinstance(default, AssistantProfile):
+            self.llm_for(self.settings.server.profile).warm_up(default.system_prompt)
 
     def _load_llm(self, name: str, model: str) -> Any:
         from .engines.llm import LlamaLlm

@@ -84,6 +84,10 @@ class FakeLlm:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    def warm_up(self, system_prompt: str = "") -> str:
+        self.prompts.append([{"role": "system", "content": system_prompt}])
+        return "Hello."
+
     def stream(
         self,
         messages: list[dict[str, str]],
@@ -609,6 +613,10 @@ def test_a_profile_speaks_with_its_own_voice_and_a_wrong_one_stops_start_up(
     settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="tone")
     assets.prepare()  # the voice exists: prompts are synthesized with it
     assert set(engines.tts.voices) == {"tone", None}  # profile prompts; the busy/apology ones
+    # The LLM evaluated the profile's system prompt, where the first call's prompt starts.
+    assert engines.llm.prompts == [
+        [{"role": "system", "content": settings.profiles["assistant"].system_prompt}]
+    ]  # type: ignore[union-attr]
     run_call(settings, assets, [speech(0.6)], greeting_wait=0, quiet=0.5)
     assert engines.tts.voices[-1] == "tone"  # the reply too
     settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="af_nobody")

@@ -332,6 +332,14 @@ def test_sentence_split() -> None:
 # --- LLM ----------------------------------------------------------------------------------------
 
 
+def test_llm_warm_up_leaves_the_system_prompt_evaluated(llm: LlamaLlm) -> None:
+    """The first call's prompt starts where the warm-up's did: llama.cpp reuses that prefix."""
+    assert llm.warm_up("You are Ada, the test line.").strip()
+    model = llm._llm
+    evaluated = model.detokenize(list(model._input_ids[: model.n_tokens])).decode(errors="replace")
+    assert "You are Ada, the test line." in evaluated
+
+
 def test_llm_streams_a_reply_in_pieces(llm: LlamaLlm) -> None:
     usage = Usage()
     pieces = list(llm.stream([{"role": "user", "content": "Say hello to Anna."}], usage=usage))
