@@ -33,7 +33,6 @@ import numpy.typing as npt
 
 from . import ModelUnavailable
 
-GENERATOR: Final = "/decoder/decoder/generator/"
 _NODE: Final = re.compile(
     r"^/decoder/decoder/generator/(?P<path>(?:resblocks|noise_res|noise_convs|ups|conv_post)"
     r"[^/]*(?:/(?:convs[12]\.\d|adain[12]\.\d))?)/(?:fc/)?"
