@@ -23,9 +23,11 @@ from bot.engines.llm import (
     LlmOptions,
     Usage,
     _model_params,
+    built_with,
     built_with_amx,
 )
 from bot.engines.models import CATALOG, materialize
+from bot.engines.stack import openmp_beside_pytorch
 from bot.engines.stt import SttOptions, WhisperStt
 from bot.engines.tts import (
     _GEN_FEATURES,
@@ -371,6 +373,28 @@ def test_extra_buffers_are_off_only_while_a_model_loads() -> None:
     assert not built_with_amx(low)
     with pytest.raises(ModelUnavailable, match="extra_buffers must be auto, on or off"):
         LlamaLlm(LlmOptions(extra_buffers="maybe"), progress=False)
+
+
+def test_openmp_build_is_recognised_and_flagged_beside_a_pytorch_vocoder() -> None:
+    low = SimpleNamespace(llama_print_system_info=lambda: b"CPU : AVX2 = 1 | OPENMP = 1 | ")
+    assert built_with(low, "OPENMP")
+    low.llama_print_system_info = lambda: b"CPU : AVX2 = 1 | LLAMAFILE = 1 | "
+    assert not built_with(low, "OPENMP")
+    on_torch = SimpleNamespace(streaming=SimpleNamespace(vocoder=object()))
+    on_onnx = SimpleNamespace(streaming=SimpleNamespace(vocoder=None))
+    one_shot = SimpleNamespace(streaming=None)
+    openmp, own_pool = SimpleNamespace(openmp=True), SimpleNamespace(openmp=False)
+    assert openmp_beside_pytorch(openmp, on_torch)  # type: ignore[arg-type]
+    assert not openmp_beside_pytorch(openmp, on_onnx)  # type: ignore[arg-type]
+    assert not openmp_beside_pytorch(openmp, one_shot)  # type: ignore[arg-type]
+    assert not openmp_beside_pytorch(own_pool, on_torch)  # type: ignore[arg-type]
+
+
+def test_installed_llama_cpp_runs_its_own_thread_pool() -> None:
+    # scripts/bootstrap builds llama.cpp without OpenMP (see bot/engines/llm.py); a wheel from
+    # pip's cache, built with other flags, would silently bring the slow-down back.
+    llm = LlamaLlm(LlmOptions(seed=3), progress=False)
+    assert llm.openmp is False
 
 
 def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:

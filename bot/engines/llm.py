@@ -13,6 +13,14 @@ crashes the process (SIGSEGV) on the first prompt of more than one token (seen o
 Rapids VM). scripts/bootstrap compiles AMX out (``-mno-amx-*``); for a build that has it anyway
 (a wheel built elsewhere), ``extra_buffers = "auto"`` turns the extra layouts off (measured
 here: 22 tokens a second either way).
+
+llama.cpp built with OpenMP (pip's default) runs its thread pool on libgomp, the same library
+(by soname) PyTorch uses for Kokoro's vocoder. Once PyTorch's threads exist, libgomp counts more
+OpenMP threads than cores and "throttles": llama.cpp's barriers, one per graph node, sleep
+instead of spinning. Measured here after one vocoder run: the first token of a turn 161-171 ms
+instead of ~100, decoding ~1.5x slower. scripts/bootstrap builds llama.cpp with
+``-DGGML_OPENMP=OFF`` (its own thread pool); the stack warns about an OpenMP build beside
+PyTorch's vocoder.
 """
 
 from __future__ import annotations
@@ -46,15 +54,21 @@ class LlmOptions:
     extra_buffers: str = "auto"  # llama.cpp's extra weight layouts: auto (off if built with AMX)
 
 
-def built_with_amx(low_level: Any) -> bool:
-    """Whether this llama.cpp build uses Intel AMX (it does where it was compiled on a CPU
-    with AMX and without ``-mno-amx-*``, as scripts/bootstrap compiles it)."""
+def built_with(low_level: Any, feature: str) -> bool:
+    """Whether this llama.cpp build says ``feature = 1`` in its system info (``AMX_INT8``,
+    ``OPENMP``)."""
     try:
         info = low_level.llama_print_system_info()
     except Exception:
         return False
     text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-    return "AMX_INT8 = 1" in text
+    return f"{feature} = 1" in text
+
+
+def built_with_amx(low_level: Any) -> bool:
+    """Whether this llama.cpp build uses Intel AMX (it does where it was compiled on a CPU
+    with AMX and without ``-mno-amx-*``, as scripts/bootstrap compiles it)."""
+    return built_with(low_level, "AMX_INT8")
 
 
 _PARAMS_LOCK = threading.Lock()
@@ -103,6 +117,8 @@ class LlamaLlm:
             raise ModelUnavailable(
                 f"extra_buffers must be auto, on or off, not {o.extra_buffers!r}"
             )
+        # OpenMP: see the module's docstring (Engines warns where it matters).
+        self.openmp = built_with(low_level, "OPENMP")
         self.extra_buffers = o.extra_buffers == "on" or (
             o.extra_buffers == "auto" and not built_with_amx(low_level)
         )

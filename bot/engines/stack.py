@@ -14,7 +14,7 @@ from ..config import ModelSettings
 from . import EngineError
 from .llm import LlamaLlm, LlmOptions
 from .stt import SttOptions, WhisperStt
-from .tts import TtsEngine, TtsOptions, create
+from .tts import KokoroTorch, TtsEngine, TtsOptions, create
 
 PACK_MODELS: Final[dict[str, dict[str, str]]] = {
     "default": {
@@ -65,6 +65,13 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
     return stt, llm, tts
 
 
+def openmp_beside_pytorch(llm: LlamaLlm, tts: TtsEngine) -> bool:
+    """llama.cpp on OpenMP in a process where PyTorch runs the TTS (see bot/engines/llm.py)."""
+    streaming = getattr(tts, "streaming", None)
+    on_torch = isinstance(tts, KokoroTorch) or getattr(streaming, "vocoder", None) is not None
+    return llm.openmp and on_torch
+
+
 @dataclass
 class Timing:
     load: dict[str, float] = field(default_factory=dict)
@@ -94,6 +101,12 @@ class Engines:
         self.tts: TtsEngine = create(tts_o)
         self.timing.load["tts"] = time.perf_counter() - start
         self._say = say
+        if openmp_beside_pytorch(self.llm, self.tts):
+            say(
+                "warning: llama.cpp was built with OpenMP and the TTS runs on PyTorch: they share "
+                "libgomp, which then slows every LLM prompt ~1.5x; rebuild llama-cpp-python with "
+                "CMAKE_ARGS=-DGGML_OPENMP=OFF (scripts/bootstrap does)"
+            )
 
     def warm_up(self) -> None:
         """Runs every engine once: the first inference after load is several times slower."""
