@@ -16,7 +16,7 @@ import pytest
 from bot import audiosocket as p
 from bot.audio import pcm_to_float
 from bot.doctor import word_errors
-from bot.engines import ModelUnavailable
+from bot.engines import ACTIVITY, ModelUnavailable
 from bot.engines.llm import (
     Conversation,
     LlamaLlm,
@@ -390,11 +390,52 @@ def test_openmp_build_is_recognised_and_flagged_beside_a_pytorch_vocoder() -> No
     assert not openmp_beside_pytorch(own_pool, on_torch)  # type: ignore[arg-type]
 
 
-def test_installed_llama_cpp_runs_its_own_thread_pool() -> None:
+def test_installed_llama_cpp_runs_its_own_thread_pool(llm: LlamaLlm) -> None:
     # scripts/bootstrap builds llama.cpp without OpenMP (see bot/engines/llm.py); a wheel from
     # pip's cache, built with other flags, would silently bring the slow-down back.
-    llm = LlamaLlm(LlmOptions(seed=3), progress=False)
     assert llm.openmp is False
+
+
+def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm) -> None:
+    import llama_cpp
+
+    def llama_threads() -> tuple[int, int]:
+        ctx = llm._llm.ctx
+        return llama_cpp.llama_n_threads(ctx), llama_cpp.llama_n_threads_batch(ctx)
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert llm.options.threads == 2
+    with ACTIVITY.running():
+        assert ACTIVITY.busy
+        assert "".join(llm.stream(messages, max_tokens=3)).strip()
+        assert llama_threads() == (1, 1)
+    assert not ACTIVITY.busy
+    assert "".join(llm.stream(messages, max_tokens=3)).strip()
+    assert llama_threads() == (2, 2)
+
+
+def test_stt_and_tts_runs_count_as_activity(
+    whisper: WhisperStt, kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+
+    def short(audio: np.ndarray) -> str:
+        seen.append(ACTIVITY.busy)
+        return "hello"
+
+    assert whisper._short is not None
+    monkeypatch.setattr(whisper._short, "transcribe", short)
+    assert whisper.transcribe(bytes(8000), 8000).text == "hello"
+
+    def stream(phonemes: str, style: Any) -> Iterator[np.ndarray]:
+        for _ in range(2):
+            seen.append(ACTIVITY.busy)
+            yield np.zeros(240, dtype=np.float32)
+
+    monkeypatch.setattr(kokoro, "_stream", stream)
+    assert len(list(kokoro.synthesize("Hello there."))) == 2
+    assert seen == [True, True, True]
+    assert not ACTIVITY.busy
 
 
 def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:

@@ -7,6 +7,10 @@ once per process, and inference is blocking (the call loop runs it in an executo
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 
 class EngineError(Exception):
     """Root of the engines' errors."""
@@ -18,3 +22,33 @@ class ModelUnavailable(EngineError):
 
 class EngineFailed(EngineError):
     """An engine raised while running; the call loop apologises and ends the call."""
+
+
+class Activity:
+    """How many STT and TTS runs are computing in this process right now.
+
+    The LLM sizes its thread pool by it (bot/engines/llm.py): llama.cpp's threads meet at a
+    spinning barrier after every graph node, so on a machine with as many threads as cores
+    they must not share the cores with another engine's threads.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> bool:
+        return self._running > 0
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._lock:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+ACTIVITY = Activity()  # the process's engines share the cores

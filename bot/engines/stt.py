@@ -15,7 +15,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..audio import pcm_to_float, resample
-from . import EngineFailed, ModelUnavailable
+from . import ACTIVITY, EngineFailed, ModelUnavailable
 from .models import Resolved, resolve
 
 WHISPER_RATE: Final = 16000
@@ -106,13 +106,14 @@ class WhisperStt:
         window = self.options.window_s
         if self._short is not None and len(audio) / WHISPER_RATE <= window - 0.5:
             try:
-                with self._lock:
+                with self._lock, ACTIVITY.running():
                     text = self._short.transcribe(audio)
             except Exception as exc:
                 raise EngineFailed(f"Whisper failed: {exc}") from exc
             return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, o.language)
         try:
-            with self._lock:  # one decode at a time per model: CTranslate2 uses all its threads
+            # One decode at a time per model: CTranslate2 uses all its threads.
+            with self._lock, ACTIVITY.running():
                 segments, info = self._model.transcribe(
                     audio,
                     language=o.language,

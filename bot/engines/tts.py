@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..audio import Resampler, float_to_pcm
-from . import EngineFailed, ModelUnavailable
+from . import ACTIVITY, EngineFailed, ModelUnavailable
 from .models import CATALOG, materialize, resolve
 from .vocoder import TorchVocoder, cpu_has_bf16
 
@@ -184,7 +184,8 @@ class _KokoroBase:
             for phonemes in _chunks(self.g2p(sentence)):
                 pieces = self._stream(phonemes, style)
                 while True:
-                    with self._lock:  # one model run at a time; others may run in between
+                    # One model run at a time; others may run in between.
+                    with self._lock, ACTIVITY.running():
                         try:
                             audio = next(pieces, None)
                         except Exception as exc:
@@ -529,7 +530,7 @@ class PiperTts:
     def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
         self.check_voice(voice or "")
         for sentence in sentences(text):
-            with self._lock:
+            with self._lock, ACTIVITY.running():
                 try:
                     chunks = list(self.voice.synthesize(sentence, self._config))
                 except Exception as exc:
