@@ -43,9 +43,11 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> object 
     def load() -> Assets:
         engines = Engines(settings.models, log=say)
         engines.warm_up()
-        # Engine work of every call runs here: STT, LLM and TTS each hold their own lock.
+        # Engine work of every call runs here: a call may have an STT run, a reply streaming
+        # from the LLM and a clause in the TTS at once, each waiting for its engine in turn
+        # (a thread short, one call's work would wait behind another's in the pool's queue).
         executor = ThreadPoolExecutor(
-            max_workers=max(4, (os.cpu_count() or 2) * 2), thread_name_prefix="engine"
+            max_workers=3 * settings.limits.max_calls + 2, thread_name_prefix="engine"
         )
         assets = Assets(settings, engines, executor)
         say("loading per-profile voices and models, synthesizing prompts ...")

@@ -113,6 +113,7 @@ class ModelSettings:
     stt_beam_size: int = _setting(1, _range(1, 10), "Whisper beam size")
     llm_max_tokens: int = _setting(50, _range(1, 2048), "longest reply, in tokens")
     llm_n_ctx: int = _setting(2048, _range(256, 32768), "LLM context window, in tokens")
+    llm_parallel: int = _setting(4, _range(1, 64), "replies the LLM decodes together")
     llm_extra_buffers: str = _setting(
         "auto",
         _one_of("auto", "on", "off"),

@@ -257,6 +257,15 @@ async def iterate_in_thread(
         future.add_done_callback(lambda f: f.exception())
 
 
+# --- sharing the TTS between calls --------------------------------------------------------------
+
+# When a clause's audio is due (the TTS serves the one due soonest, model run by model run): a
+# first clause this long after its speech end (the caller waits for it), a later one this long
+# before the audio queued for its call runs out (what it may wait, plus its own synthesis).
+FIRST_AUDIO_DUE_S: Final = 0.8
+LATER_AUDIO_LEAD_S: Final = 1.0
+
+
 # --- per-process assets -------------------------------------------------------------------------
 
 
@@ -270,9 +279,6 @@ class Assets:
         # ("greeting:PROFILE" | "transfer:PROFILE" | "busy", rate) -> 16-bit PCM
         self.prompts: dict[tuple[str, int], bytes] = {}
         self.llms: dict[str, Any] = {}  # profile -> its own LLM ([profiles.NAME] llm)
-        # Calls take the TTS in arrival order (threading.Lock promises no order). Serving first
-        # clauses before other calls' later ones was measured slower at 4 calls (README).
-        self.tts_gate = asyncio.Lock()
         # Replies of any call whose LLM or TTS work is not done: a call replies ahead of the
         # caller's endpoint only while there is none (guesswork must not slow a real answer).
         self.replies_working = 0
@@ -632,8 +638,8 @@ class Assistant:
         if interrupted and self._turn is not None:
             self._turn.interrupted = True
 
-    def _speaker(self, text: str, rate: int) -> Callable[[], Iterator[bytes]]:
-        return lambda: speak(self.engines.tts, text, rate, self.profile.voice or None)
+    def _speaker(self, text: str, rate: int, due: float) -> Callable[[], Iterator[bytes]]:
+        return lambda: speak(self.engines.tts, text, rate, self.profile.voice or None, due=due)
 
     async def _respond(self, turn: Turn) -> None:
         call = self.call
@@ -697,19 +703,29 @@ class Assistant:
         async def talk() -> None:
             """Synthesizes clause after clause; ``play`` sends the audio on as it comes."""
             rate = call.rate
+            runs_out = 0.0  # when the audio made so far will have played (about)
+
+            def queue(pcm: bytes) -> None:
+                nonlocal runs_out
+                runs_out = max(runs_out, time.monotonic()) + len(pcm) / 2 / rate
+                played.put_nowait(pcm)
+
             try:
                 while (clause := await clauses.get()) is not None:
                     first = "tts_first_audio" not in turn.marks
                     trimmer = ClauseTrimmer(rate, clause, first=first)
-                    async with self.assets.tts_gate:
-                        audio = iterate_in_thread(executor, self._speaker(clause, rate))
-                        async with contextlib.aclosing(audio):
-                            async for chunk in audio:
-                                if pcm := trimmer.feed(chunk):
-                                    turn.mark("tts_first_audio")
-                                    played.put_nowait(pcm)
+                    if first:
+                        due = turn.marks.get("speech_end", time.monotonic()) + FIRST_AUDIO_DUE_S
+                    else:
+                        due = runs_out - LATER_AUDIO_LEAD_S
+                    audio = iterate_in_thread(executor, self._speaker(clause, rate, due))
+                    async with contextlib.aclosing(audio):
+                        async for chunk in audio:
+                            if pcm := trimmer.feed(chunk):
+                                turn.mark("tts_first_audio")
+                                queue(pcm)
                     if trimmer.heard:
-                        played.put_nowait(trimmer.end())
+                        queue(trimmer.end())
                     if not llm_may_run.is_set():
                         await turn.release.wait()  # a reply ahead goes no further
                         llm_may_run.set()  # the first clause is synthesized

@@ -128,7 +128,9 @@ class FakeTts:
         if voice not in ("", "tone"):
             raise ModelUnavailable(f"no voice {voice!r} (voices: tone)")
 
-    def synthesize(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, *, due: float | None = None
+    ) -> Iterator[np.ndarray]:
         if self.hold is not None:
             self.hold.wait(10)
         self.texts.append(text)
@@ -334,7 +336,9 @@ def test_the_llm_decodes_nothing_while_the_first_clause_is_synthesized(calls_dir
     overlapped: list[bool] = []
 
     class WatchedTts(FakeTts):
-        def synthesize(self, text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+        def synthesize(
+            self, text: str, voice: str | None = None, *, due: float | None = None
+        ) -> Iterator[np.ndarray]:
             if text == "Sure,":  # waits for a decode that must not come
                 overlapped.append(past_first.wait(0.5))
             yield from super().synthesize(text, voice)
@@ -487,7 +491,7 @@ def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
 def test_an_engine_failing_mid_reply_ends_only_that_call(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
 
-    def broken(text: str, voice: str | None = None) -> Iterator[np.ndarray]:
+    def broken(text: str, voice: str | None = None, **kw: Any) -> Iterator[np.ndarray]:
         raise RuntimeError("TTS exploded")
         yield np.zeros(1, np.float32)  # pragma: no cover
 

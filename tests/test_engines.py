@@ -16,13 +16,15 @@ import pytest
 from bot import audiosocket as p
 from bot.audio import pcm_to_float
 from bot.doctor import word_errors
-from bot.engines import ACTIVITY, ModelUnavailable
+from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
 from bot.engines.llm import (
     Conversation,
     LlamaLlm,
     LlmOptions,
     Usage,
-    _model_params,
+    _common_prefix,
+    _held_back,
+    _load_params,
     built_with,
     built_with_amx,
 )
@@ -335,11 +337,9 @@ def test_sentence_split() -> None:
 
 
 def test_llm_warm_up_leaves_the_system_prompt_evaluated(llm: LlamaLlm) -> None:
-    """The first call's prompt starts where the warm-up's did: llama.cpp reuses that prefix."""
+    """Every call's prompt starts where the warm-up's did: a new reply copies that prefix."""
     assert llm.warm_up("You are Ada, the test line.").strip()
-    model = llm._llm
-    evaluated = model.detokenize(list(model._input_ids[: model.n_tokens])).decode(errors="replace")
-    assert "You are Ada, the test line." in evaluated
+    assert any("You are Ada, the test line." in cached for cached in llm.evaluated())
 
 
 def test_llm_streams_a_reply_in_pieces(llm: LlamaLlm) -> None:
@@ -347,6 +347,91 @@ def test_llm_streams_a_reply_in_pieces(llm: LlamaLlm) -> None:
     pieces = list(llm.stream([{"role": "user", "content": "Say hello to Anna."}], usage=usage))
     assert len(pieces) > 1 and "".join(pieces).strip()
     assert usage.first_token_s is not None and usage.first_token_s <= usage.total_s
+    assert usage.completion_tokens == len(pieces) and usage.finish_reason == "stop"
+
+
+class DecodeSpy:
+    """Records each llama_decode's batch: (sequence, position) of every token."""
+
+    def __init__(self, llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+        decode = llm._ctx.decode
+
+        def spy(batch: Any) -> None:
+            b = batch.batch
+            self.batches.append([(b.seq_id[i][0], b.pos[i]) for i in range(b.n_tokens)])
+            decode(batch)
+
+        monkeypatch.setattr(llm._ctx, "decode", spy)
+
+
+def test_llm_decodes_concurrent_replies_in_shared_batches(
+    llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = DecodeSpy(llm, monkeypatch)
+    replies: dict[int, str] = {}
+    start = threading.Barrier(3)
+
+    def ask(i: int) -> None:
+        start.wait()
+        messages = [{"role": "user", "content": f"Count from {i} to {i + 9}, in words."}]
+        replies[i] = "".join(llm.stream(messages, max_tokens=16))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(replies) == [1, 2, 3] and all(r.strip() for r in replies.values())
+    assert max(len({seq for seq, _ in batch}) for batch in spy.batches) >= 2
+    # Three replies of 16 tokens, one at a time, take 3 x 16 decodes (prompts included).
+    assert len(spy.batches) < 40
+    assert all(slot.owner is None for slot in llm._slots) and not llm._running
+
+
+def test_llm_keeps_each_conversation_in_its_sequence(
+    llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's next turn evaluates only its new words; another call's prompt copies the
+    system prompt from the sequence that has it instead of evaluating it."""
+    system = {"role": "system", "content": "You are Bea, who answers in five words."}
+    first = [system, {"role": "user", "content": "Hello, who is this?"}]
+    answer = "".join(llm.stream(first, max_tokens=10))
+    spy = DecodeSpy(llm, monkeypatch)
+    turn = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Bye."}]
+    assert "".join(llm.stream(turn, max_tokens=4)).strip()
+    new_words = len(llm._prompt(turn)) - len(llm._prompt(first))
+    prompt_tokens = len(spy.batches[0])
+    assert prompt_tokens <= new_words + 12  # the template's markers around the answer
+    spy.batches.clear()
+    other = [system, {"role": "user", "content": "Good morning, how are you?"}]
+    assert "".join(llm.stream(other, max_tokens=4)).strip()
+    shared = _common_prefix(llm._prompt(other), llm._prompt(first))  # the system prompt
+    assert shared > 10 and len(spy.batches[0]) == len(llm._prompt(other)) - shared
+
+
+def test_llm_stop_strings_end_the_reply_unsaid(llm: LlamaLlm) -> None:
+    assert _held_back("The capital is Par", ("Paris",)) == 3
+    assert _held_back("The capital is", ("Paris", "is.")) == 2
+    assert _held_back("Hello", ("Paris",)) == 0
+    messages = [{"role": "user", "content": "What is the capital of France? One sentence."}]
+    full = "".join(llm.stream(messages, max_tokens=20))
+    assert "Paris" in full
+    usage = Usage()
+    cut = "".join(llm.stream(messages, max_tokens=20, stop=("Paris",), usage=usage))
+    assert "Paris" not in cut and "Par" not in cut[-3:] and usage.finish_reason == "stop"
+
+
+def test_llm_reply_cut_short_frees_its_sequence(llm: LlamaLlm) -> None:
+    messages = [{"role": "user", "content": "Tell me a long story about a cat."}]
+    usage = Usage()
+    pieces = list(llm.stream(messages, max_tokens=5, usage=usage))
+    assert len(pieces) <= 5 and usage.finish_reason == "length"
+    stream = llm.stream(messages, max_tokens=40)
+    assert next(stream) and next(stream)
+    assert sum(slot.owner is not None for slot in llm._slots) == 1
+    stream.close()  # the caller barged in
+    assert all(slot.owner is None for slot in llm._slots) and not llm._running
 
 
 def test_llm_without_extra_buffers_loads_and_answers() -> None:
@@ -357,15 +442,20 @@ def test_llm_without_extra_buffers_loads_and_answers() -> None:
     assert text.strip()
 
 
-def test_extra_buffers_are_off_only_while_a_model_loads() -> None:
+def test_load_parameters_are_changed_only_while_a_model_loads() -> None:
     class Params:
         use_extra_bufts = True
+        n_seq_max = 1
+        kv_unified = False
 
-    low = SimpleNamespace(llama_model_default_params=Params)
-    with _model_params(low, extra_buffers=False):
+    low = SimpleNamespace(llama_model_default_params=Params, llama_context_default_params=Params)
+    with _load_params(low, extra_buffers=False, sequences=4):
         assert low.llama_model_default_params().use_extra_bufts is False
+        context = low.llama_context_default_params()
+        assert context.n_seq_max == 4 and context.kv_unified is True
     assert low.llama_model_default_params is Params
-    with _model_params(low, extra_buffers=True):
+    assert low.llama_context_default_params is Params
+    with _load_params(low, extra_buffers=True, sequences=1):
         assert low.llama_model_default_params().use_extra_bufts is True
     low.llama_print_system_info = lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
     assert built_with_amx(low)
@@ -373,6 +463,8 @@ def test_extra_buffers_are_off_only_while_a_model_loads() -> None:
     assert not built_with_amx(low)
     with pytest.raises(ModelUnavailable, match="extra_buffers must be auto, on or off"):
         LlamaLlm(LlmOptions(extra_buffers="maybe"), progress=False)
+    with pytest.raises(ModelUnavailable, match="parallel must be 1 or more"):
+        LlamaLlm(LlmOptions(parallel=0), progress=False)
 
 
 def test_openmp_build_is_recognised_and_flagged_beside_a_pytorch_vocoder() -> None:
@@ -438,6 +530,45 @@ def test_stt_and_tts_runs_count_as_activity(
     assert not ACTIVITY.busy
 
 
+def test_deadline_lock_serves_the_earliest_due_first() -> None:
+    lock = DeadlineLock()
+    order: list[str] = []
+    threads: list[threading.Thread] = []
+
+    def take(name: str, due: float) -> None:
+        with lock.hold(due):
+            order.append(name)
+
+    with lock.hold():
+        for name, due in (("late", 30.0), ("soon", 10.0), ("tie-first", 20.0), ("tie-next", 20.0)):
+            threads.append(threading.Thread(target=take, args=(name, due)))
+            threads[-1].start()
+            queued = len(threads) + 1  # the holder is still listed until it got the lock
+            for _ in range(500):
+                if len(lock._waiting) == queued - 1:
+                    break
+                threading.Event().wait(0.01)
+            assert len(lock._waiting) == queued - 1
+    for t in threads:
+        t.join(10)
+    assert order == ["soon", "tie-first", "tie-next", "late"]
+
+
+def test_kokoro_takes_each_model_run_by_its_due_time(
+    kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dues: list[float | None] = []
+    hold = kokoro._lock.hold
+
+    def spy(due: float | None = None) -> Any:
+        dues.append(due)
+        return hold(due)
+
+    monkeypatch.setattr(kokoro._lock, "hold", spy)
+    chunks = list(kokoro.synthesize("Hello there, how are you doing today?", due=123.0))
+    assert len(chunks) >= 2 and len(dues) >= len(chunks) and set(dues) == {123.0}
+
+
 def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:
     usage = Usage()
     ask = [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}]
@@ -501,8 +632,10 @@ def test_float_audio_round_trip_sanity(kokoro: KokoroOnnx) -> None:
 
 def test_llm_reports_contention_while_another_generation_waits(llm: LlamaLlm) -> None:
     ask = [{"role": "user", "content": "Say one word."}]
-    first = llm.stream(ask, max_tokens=3)
-    next(first)  # holds the model
+    going = [llm.stream(ask, max_tokens=3) for _ in range(llm.options.parallel)]
+    for stream in going:
+        next(stream)  # each holds a sequence
+    first = going.pop()
     assert not llm.contended
     waiter = threading.Thread(target=lambda: list(llm.stream(ask, max_tokens=2)))
     waiter.start()
@@ -511,9 +644,11 @@ def test_llm_reports_contention_while_another_generation_waits(llm: LlamaLlm) ->
             break
         threading.Event().wait(0.01)
     assert llm.contended
-    first.close()  # releases the model: the waiting generation runs
+    first.close()  # frees a sequence: the waiting generation runs
     waiter.join(60)
-    assert not llm.contended
+    assert not llm.contended and not waiter.is_alive()
+    for stream in going:
+        stream.close()
 
 
 def test_kokoro_speaks_another_voice_of_the_same_model(kokoro: KokoroOnnx) -> None:

@@ -8,7 +8,10 @@ once per process, and inference is blocking (the call loop runs it in an executo
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import threading
+import time
 from collections.abc import Iterator
 
 
@@ -52,3 +55,34 @@ class Activity:
 
 
 ACTIVITY = Activity()  # the process's engines share the cores
+
+
+class DeadlineLock:
+    """A lock whose waiters take it earliest deadline first (in arrival order on a tie).
+
+    The TTS holds it for each model run (a window of a clause), so the clause due soonest
+    (a first clause a caller waits for) goes before another call's later clause, whose audio
+    is due only once the clauses before it have played."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._waiting: list[tuple[float, int]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.contextmanager
+    def hold(self, due: float | None = None) -> Iterator[None]:
+        """``due``: a ``time.monotonic()`` time (None: now)."""
+        me = (time.monotonic() if due is None else due, next(self._arrivals))
+        with self._cond:
+            heapq.heappush(self._waiting, me)
+            while self._held or self._waiting[0] != me:
+                self._cond.wait()
+            heapq.heappop(self._waiting)
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()

@@ -50,6 +50,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         threads=m.threads,
         max_tokens=m.llm_max_tokens,
         n_ctx=m.llm_n_ctx,
+        parallel=m.llm_parallel,
         extra_buffers=m.llm_extra_buffers,
     )
     engine = m.tts_engine or pack["tts_engine"]

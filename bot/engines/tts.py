@@ -47,7 +47,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..audio import Resampler, float_to_pcm
-from . import ACTIVITY, EngineFailed, ModelUnavailable
+from . import ACTIVITY, DeadlineLock, EngineFailed, ModelUnavailable
 from .models import CATALOG, materialize, resolve
 from .vocoder import TorchVocoder, cpu_has_bf16
 
@@ -92,9 +92,13 @@ class TtsOptions:
 class TtsEngine(Protocol):
     native_rate: int
 
-    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, *, due: float | None = None
+    ) -> Iterator[FloatArray]:
         """Audio at ``native_rate`` in chunks (float in [-1, 1]), the first as early as it can.
-        ``voice``: another voice of the same model (None: the options' voice)."""
+        ``voice``: another voice of the same model (None: the options' voice). ``due``: when
+        the audio is needed (``time.monotonic()``; None: now): concurrent syntheses take the
+        model run by run, earliest due first."""
         ...
 
     def check_voice(self, voice: str) -> None:
@@ -106,10 +110,17 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_SPLIT.split(text) if s and s.strip()]
 
 
-def speak(engine: TtsEngine, text: str, rate: int, voice: str | None = None) -> Iterator[bytes]:
+def speak(
+    engine: TtsEngine,
+    text: str,
+    rate: int,
+    voice: str | None = None,
+    *,
+    due: float | None = None,
+) -> Iterator[bytes]:
     """16-bit PCM at ``rate`` for ``text``, chunk by chunk as the engine produces them."""
     resampler = Resampler(engine.native_rate, rate)
-    for chunk in engine.synthesize(text, voice or None):
+    for chunk in engine.synthesize(text, voice or None, due=due):
         out = resampler.process(chunk)
         if len(out):
             yield float_to_pcm(out)
@@ -176,16 +187,18 @@ class _KokoroBase:
     def __init__(self, options: TtsOptions, g2p: KokoroG2P | None) -> None:
         self.options = options
         self.g2p = g2p or KokoroG2P()
-        self._lock = threading.Lock()
+        self._lock = DeadlineLock()
 
-    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, *, due: float | None = None
+    ) -> Iterator[FloatArray]:
         style = self._style(voice or self.options.voice)
         for sentence in sentences(text):
             for phonemes in _chunks(self.g2p(sentence)):
                 pieces = self._stream(phonemes, style)
                 while True:
-                    # One model run at a time; others may run in between.
-                    with self._lock, ACTIVITY.running():
+                    # One model run at a time; others, due sooner, may run in between.
+                    with self._lock.hold(due), ACTIVITY.running():
                         try:
                             audio = next(pieces, None)
                         except Exception as exc:
@@ -518,7 +531,7 @@ class PiperTts:
             raise ModelUnavailable(f"cannot load Piper voice {options.model!r}: {exc}") from exc
         self.native_rate = int(self.voice.config.sample_rate)
         self._config = SynthesisConfig(length_scale=1.0 / options.speed if options.speed else None)
-        self._lock = threading.Lock()
+        self._lock = DeadlineLock()
 
     def check_voice(self, voice: str) -> None:
         if voice:
@@ -527,10 +540,12 @@ class PiperTts:
                 "the model ([models] tts)"
             )
 
-    def synthesize(self, text: str, voice: str | None = None) -> Iterator[FloatArray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, *, due: float | None = None
+    ) -> Iterator[FloatArray]:
         self.check_voice(voice or "")
         for sentence in sentences(text):
-            with self._lock, ACTIVITY.running():
+            with self._lock.hold(due), ACTIVITY.running():
                 try:
                     chunks = list(self.voice.synthesize(sentence, self._config))
                 except Exception as exc:
