@@ -79,10 +79,14 @@ class FakeLlm:
         self.words = words.split(" ")
         self.hold: threading.Event | None = None
         self.prompts: list[list[dict[str, str]]] = []
+        self.prepared: list[list[dict[str, str]]] = []
         self.stopped_early = threading.Event()
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    def prepare(self, messages: list[dict[str, str]]) -> None:
+        self.prepared.append(messages)
 
     def warm_up(self, system_prompt: str = "") -> str:
         self.prompts.append([{"role": "system", "content": system_prompt}])

@@ -410,6 +410,21 @@ def test_llm_keeps_each_conversation_in_its_sequence(
     assert shared > 10 and len(spy.batches[0]) == len(llm._prompt(other)) - shared
 
 
+def test_llm_prepares_a_conversations_next_turn_after_each_reply(
+    llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv = Conversation(llm, system_prompt="You are Cy, the test line.", max_tokens=12)
+    assert "".join(conv.reply("Hi, who are you?")).strip()
+    assert any(
+        "You are Cy" in cached and cached.endswith("<|im_start|>user\n")
+        for cached in llm.evaluated()
+    )
+    spy = DecodeSpy(llm, monkeypatch)
+    assert "".join(conv.reply("Thanks.")).strip()
+    # Only the caller's words and the assistant's opening are left to evaluate.
+    assert len(spy.batches[0]) == llm.count_tokens("Thanks.<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_llm_stop_strings_end_the_reply_unsaid(llm: LlamaLlm) -> None:
     assert _held_back("The capital is Par", ("Paris",)) == 3
     assert _held_back("The capital is", ("Paris", "is.")) == 2

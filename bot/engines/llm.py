@@ -357,6 +357,33 @@ class LlamaLlm:
             usage.total_s = time.perf_counter() - start - usage.wait_s
             # g.sampler is freed with g: a step running now may still be sampling with it.
 
+    def prepare(self, messages: list[dict[str, str]]) -> None:
+        """Evaluates what the next turn's prompt will start with, ``messages`` and the
+        template's opening of a user message, in the sequence that holds ``messages`` (a reply
+        ends before the template's end-of-message marker): ~5 tokens, ~40 ms, the next turn
+        will not wait for. Blocking; skipped while a reply waits for a sequence."""
+        if self.contended:
+            return
+        marker = "\x1f"  # where the next user message's words will start
+        try:
+            formatted = self._format(messages=[*messages, {"role": "user", "content": marker}])
+            head = formatted.prompt[: formatted.prompt.index(marker)]
+            tokens = self._llm.tokenize(
+                head.encode("utf-8"), add_bos=not formatted.added_special, special=True
+            )
+        except Exception as exc:
+            raise EngineFailed(f"LLM failed: cannot format the prompt ({exc})") from exc
+        g = _Generation(list(tokens), 0, (), None, Usage(), time.perf_counter())
+        with self._cond:
+            self._queue.append(g)
+        try:
+            while self._next(g) is not None:
+                pass
+        finally:
+            with self._cond:
+                self._leave(g)
+                self._cond.notify_all()
+
     # --- the batch ------------------------------------------------------------------------------
 
     def _prompt(self, messages: list[dict[str, str]]) -> list[int]:
@@ -417,6 +444,9 @@ class LlamaLlm:
                     self._cond.notify_all()
                 for gen, token in sampled:
                     self._accept(gen, token)
+                for gen, _ in plan:
+                    if not gen.max_tokens and not gen.todo:  # evaluated (see prepare)
+                        self._leave(gen)
 
     def _admit(self) -> None:
         """Gives waiting replies the free slots. A slot's cache beyond the prompt's prefix is
@@ -437,10 +467,14 @@ class LlamaLlm:
                 self._low.llama_memory_seq_rm(mem, slot.seq, -1, -1)
                 self._low.llama_memory_seq_cp(mem, donor.seq, slot.seq, 0, shared)
                 slot.tokens, keep = donor.tokens[:shared], shared
-            keep = min(keep, len(g.prompt) - 1)  # the last prompt token gives the logits
+            if g.max_tokens:
+                keep = min(keep, len(g.prompt) - 1)  # the last prompt token gives the logits
             self._low.llama_memory_seq_rm(mem, slot.seq, keep, -1)
             del slot.tokens[keep:]
             g.slot, slot.owner, g.todo = slot, g, g.prompt[keep:]
+            if not g.todo:  # nothing to evaluate (see prepare)
+                self._leave(g)
+                continue
             g.usage.wait_s = time.perf_counter() - g.submitted
             self._running.append(g)
 
@@ -476,7 +510,7 @@ class LlamaLlm:
                 batch.pos[n] = len(slot.tokens) + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq
-                batch.logits[n] = i == len(tokens) - 1 and not g.todo
+                batch.logits[n] = i == len(tokens) - 1 and not g.todo and g.max_tokens > 0
                 n += 1
             slot.tokens += tokens
             if batch.logits[n - 1]:
@@ -589,6 +623,7 @@ class Conversation:
                 # Keep the stored history bounded (the prompt is trimmed again at each turn).
                 if len(self.history) > 40:
                     del self.history[:2]
+                self.llm.prepare(self.messages("")[:-1])
 
 
 __all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
