@@ -158,7 +158,9 @@ class ClauseSplitter:
 # TTS wraps every clause in silence (Kokoro: ~0.3 s before, ~0.4 s after). Between clauses that
 # is a stall the caller hears, before the first it is latency. Keep a natural pause only.
 KEEP_BEFORE_MS: Final = 40
-KEEP_BEFORE_FIRST_MS: Final = 20
+# Before the answer's first sound: one 5 ms step of the onset search (below -45 dBFS), so that
+# the first 20 ms frame out already sounds (20 ms kept made it a silent frame: 20 ms later).
+KEEP_BEFORE_FIRST_MS: Final = 5
 KEEP_AFTER_SENTENCE_MS: Final = 220
 KEEP_AFTER_CLAUSE_MS: Final = 120
 

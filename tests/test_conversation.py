@@ -22,6 +22,7 @@ from bot.app import handler
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import (
+    KEEP_BEFORE_FIRST_MS,
     MARKS,
     Assets,
     Assistant,
@@ -661,7 +662,9 @@ def _trimmed(pcm: bytes, text: str, *, first: bool, pieces: int = 1) -> bytes:
 def test_clause_audio_loses_the_tts_padding_but_keeps_a_natural_pause(pieces: int) -> None:
     pcm = bytes(2 * 2400) + _tone(0.5) + bytes(2 * 3200)  # 300 ms, 500 ms, 400 ms
     first = _trimmed(pcm, "Hello.", first=True, pieces=pieces)
-    assert _ms(first) == pytest.approx(20 + 500 + 220, abs=11)  # silence is found in 5 ms steps
+    assert _ms(first) == pytest.approx(
+        KEEP_BEFORE_FIRST_MS + 500 + 220, abs=11
+    )  # silence is found in 5 ms steps
     later = _trimmed(pcm, "and then,", first=False, pieces=pieces)
     assert _ms(later) == pytest.approx(40 + 500 + 120, abs=11)
     assert _trimmed(bytes(1600), "Hm.", first=True, pieces=pieces) == b""
@@ -673,7 +676,7 @@ def test_clause_trimmer_plays_sound_at_once_and_keeps_a_pause_inside_the_clause(
     assert not trimmer.heard
     now = trimmer.feed(_tone(0.2) + bytes(2 * 1200))  # sound, then 150 ms of pause
     assert trimmer.heard
-    assert _ms(now) == pytest.approx(20 + 200, abs=6)  # the sound is not held back
+    assert _ms(now) == pytest.approx(KEEP_BEFORE_FIRST_MS + 200, abs=6)  # not held back
     later = trimmer.feed(_tone(0.1))
     assert _ms(later) == pytest.approx(150 + 100, abs=6)  # the pause inside stays
     # The TTS left no silence at the end: the pause after a sentence is made up.
