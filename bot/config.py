@@ -162,7 +162,7 @@ class TurnSettingsConfig:
     vad_mode: int = _setting(3, _range(0, 3), "webrtcvad aggressiveness (3: strictest)")
     onset_ms: int = _setting(60, _range(20, 1000), "voiced audio that starts a turn")
     pre_roll_ms: int = _setting(300, _range(0, 2000), "audio kept from before the onset")
-    pause_ms: int = _setting(120, _range(20, 2000), "silence that starts speculative STT")
+    pause_ms: int = _setting(80, _range(20, 2000), "silence that starts speculative STT")
     hangover_ms: int = _setting(500, _range(100, 5000), "silence that ends a turn")
     hangover_complete_ms: int = _setting(250, _range(100, 5000), "... after a question")
     hangover_incomplete_ms: int = _setting(900, _range(100, 5000), "... after a trailing word")

@@ -164,7 +164,7 @@ TurnEvent = SpeechStarted | Paused | Resumed | EndOfTurn | Discarded | BargeIn
 class TurnSettings:
     onset_ms: int = 60
     pre_roll_ms: int = 300
-    pause_ms: int = 120
+    pause_ms: int = 80
     hangover_ms: int = 500
     hangover_complete_ms: int = 250
     hangover_incomplete_ms: int = 900

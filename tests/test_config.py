@@ -150,7 +150,7 @@ def test_assistant_profiles_and_turn_settings(tmp_path: Path) -> None:
         True,
         "You are terse.",
     )
-    assert (s.turns.vad, s.turns.hangover_ms, s.turns.pause_ms) == ("silero", 700, 120)
+    assert (s.turns.vad, s.turns.hangover_ms, s.turns.pause_ms) == ("silero", 700, 80)
     with pytest.raises(ConfigError, match="turns.vad: must be one of webrtc, silero, got 'x'"):
         config.load(None, {"VOICEBOT_TURNS_VAD": "x"})
     with pytest.raises(ConfigError, match="profiles.assistant.barge_in: expected bool"):
