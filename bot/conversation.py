@@ -677,7 +677,8 @@ class Assistant:
                 # brings the reply to MIN_REPLY_WORDS (the model and the TTS are freed sooner).
                 if SENTENCE_END.search(text) and len(text.split()) >= MIN_REPLY_WORDS:
                     return
-                # Never hold the model paused while another call waits for it.
+                # Pause only a model that would then be idle: beside other calls' replies
+                # (decoded in the same steps) the pause frees no core and only delays this one.
                 if not llm.contended:
                     llm_may_run.wait(2.0)
 

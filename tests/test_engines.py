@@ -647,23 +647,26 @@ def test_float_audio_round_trip_sanity(kokoro: KokoroOnnx) -> None:
 
 def test_llm_reports_contention_while_another_generation_waits(llm: LlamaLlm) -> None:
     ask = [{"role": "user", "content": "Say one word."}]
-    going = [llm.stream(ask, max_tokens=3) for _ in range(llm.options.parallel)]
+    first = llm.stream(ask, max_tokens=3)
+    next(first)
+    assert not llm.contended  # alone: pausing it would leave the cores to the others
+    going = [llm.stream(ask, max_tokens=3) for _ in range(llm.options.parallel - 1)]
     for stream in going:
         next(stream)  # each holds a sequence
-    first = going.pop()
-    assert not llm.contended
+    assert llm.contended
     waiter = threading.Thread(target=lambda: list(llm.stream(ask, max_tokens=2)))
     waiter.start()
     for _ in range(500):
-        if llm.contended:
+        if llm._queue:
             break
         threading.Event().wait(0.01)
-    assert llm.contended
+    assert llm._queue  # every sequence is taken
     first.close()  # frees a sequence: the waiting generation runs
     waiter.join(60)
-    assert not llm.contended and not waiter.is_alive()
+    assert not llm._queue and not waiter.is_alive()
     for stream in going:
         stream.close()
+    assert not llm.contended
 
 
 def test_kokoro_speaks_another_voice_of_the_same_model(kokoro: KokoroOnnx) -> None:

@@ -289,8 +289,9 @@ class LlamaLlm:
 
     @property
     def contended(self) -> bool:
-        """A reply is waiting for a free sequence."""
-        return bool(self._queue)
+        """More than one reply wants the model (decoding, or waiting for a free sequence): a
+        reply that pauses itself then frees no core, it only falls behind."""
+        return len(self._queue) + len(self._running) > 1
 
     @property
     def n_ctx(self) -> int:
@@ -362,7 +363,7 @@ class LlamaLlm:
         template's opening of a user message, in the sequence that holds ``messages`` (a reply
         ends before the template's end-of-message marker): ~5 tokens, ~40 ms, the next turn
         will not wait for. Blocking; skipped while a reply waits for a sequence."""
-        if self.contended:
+        if self._queue:
             return
         marker = "\x1f"  # where the next user message's words will start
         try:
