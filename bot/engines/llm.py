@@ -112,7 +112,7 @@ def _load_params(low_level: Any, *, extra_buffers: bool, sequences: int) -> Iter
             low_level.llama_context_default_params = context_default
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     completion_tokens: int = 0
     first_token_s: float | None = None  # after the model took it (prompt evaluation included)
@@ -342,19 +342,15 @@ class LlamaLlm:
             usage=usage,
             submitted=start,
         )
-        with self._cond:
-            self._queue.append(g)
         try:
-            while (piece := self._next(g)) is not None:
-                if usage.first_token_s is None:
-                    usage.first_token_s = time.perf_counter() - start - usage.wait_s
-                usage.completion_tokens += 1
-                yield piece
-            usage.finish_reason = g.finish
+            with self._submitted(g):
+                while (piece := self._next(g)) is not None:
+                    if usage.first_token_s is None:
+                        usage.first_token_s = time.perf_counter() - start - usage.wait_s
+                    usage.completion_tokens += 1
+                    yield piece
+                usage.finish_reason = g.finish
         finally:
-            with self._cond:
-                self._leave(g)
-                self._cond.notify_all()
             usage.total_s = time.perf_counter() - start - usage.wait_s
             # g.sampler is freed with g: a step running now may still be sampling with it.
 
@@ -366,39 +362,40 @@ class LlamaLlm:
         if self._queue:
             return
         marker = "\x1f"  # where the next user message's words will start
-        try:
-            formatted = self._format(messages=[*messages, {"role": "user", "content": marker}])
-            head = formatted.prompt[: formatted.prompt.index(marker)]
-            tokens = self._llm.tokenize(
-                head.encode("utf-8"), add_bos=not formatted.added_special, special=True
-            )
-        except Exception as exc:
-            raise EngineFailed(f"LLM failed: cannot format the prompt ({exc})") from exc
-        g = _Generation(list(tokens), 0, (), None, Usage(), time.perf_counter())
-        with self._cond:
-            self._queue.append(g)
-        try:
+        tokens = self._prompt([*messages, {"role": "user", "content": marker}], until=marker)
+        g = _Generation(tokens, 0, (), None, Usage(), time.perf_counter())
+        with self._submitted(g):
             while self._next(g) is not None:
                 pass
-        finally:
-            with self._cond:
-                self._leave(g)
-                self._cond.notify_all()
 
     # --- the batch ------------------------------------------------------------------------------
 
-    def _prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def _prompt(self, messages: list[dict[str, str]], *, until: str | None = None) -> list[int]:
+        """The tokens of ``messages`` in the chat template (those before ``until`` only)."""
         try:
             formatted = self._format(messages=messages)
+            text = formatted.prompt
+            if until is not None:
+                text = text[: text.index(until)]
             return list(
                 self._llm.tokenize(
-                    formatted.prompt.encode("utf-8"),
-                    add_bos=not formatted.added_special,
-                    special=True,
+                    text.encode("utf-8"), add_bos=not formatted.added_special, special=True
                 )
             )
         except Exception as exc:
             raise EngineFailed(f"LLM failed: cannot format the prompt ({exc})") from exc
+
+    @contextlib.contextmanager
+    def _submitted(self, g: _Generation) -> Iterator[None]:
+        """``g`` queued for a slot while inside; its slot or queue place freed on the way out."""
+        with self._cond:
+            self._queue.append(g)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._leave(g)
+                self._cond.notify_all()
 
     def _sampler(self) -> Any:
         """What ``Llama.create_chat_completion`` samples with (its defaults, and ours)."""
