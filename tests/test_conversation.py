@@ -22,7 +22,9 @@ from bot.app import handler
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import (
+    FIRST_AUDIO_DUE_S,
     KEEP_BEFORE_FIRST_MS,
+    LATER_AUDIO_LEAD_S,
     MARKS,
     Assets,
     Assistant,
@@ -128,6 +130,8 @@ class FakeTts:
         self.hold: threading.Event | None = None
         self.streaming: threading.Event | None = None  # set when the bot is first heard
         self.heard_first: list[bool] = []
+        self.seconds: dict[str, float] = {}  # audio of a clause (default: 60 ms a word)
+        self.dues: list[tuple[str, float | None, float]] = []  # text, due, when asked
 
     def check_voice(self, voice: str) -> None:
         if voice not in ("", "tone"):
@@ -140,7 +144,8 @@ class FakeTts:
             self.hold.wait(10)
         self.texts.append(text)
         self.voices.append(voice)
-        n = round(0.06 * 8000 * len(text.split()))
+        self.dues.append((text, due, time.monotonic()))
+        n = round(8000 * self.seconds.get(text, 0.06 * len(text.split())))
         tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
         if self.streaming is None:
             yield tone
@@ -296,6 +301,20 @@ def test_without_reply_ahead_the_reply_starts_at_the_endpoint(calls_dir: Path) -
     assert marks["stt_done"] <= marks["endpoint"]
     ordered = ["endpoint", "llm_first_token", "first_clause", "tts_first_audio", "first_frame_out"]
     assert [marks[m] for m in ordered] == sorted(marks[m] for m in ordered)
+
+
+def test_a_later_clause_is_due_when_the_audio_before_it_runs_out(calls_dir: Path) -> None:
+    """The TTS serves the clause due soonest: the first one soon after the caller stopped,
+    a later one only shortly before the audio already queued for its call has played."""
+    settings, engines, assets = setup(calls_dir)
+    engines.tts.seconds["Sure,"] = 3.0
+    sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    assert sim.report.turns[0].response_latency_ms is not None
+    (first, first_due, first_asked), (_, later_due, _) = engines.tts.dues[:2]
+    assert first == "Sure," and first_due is not None and later_due is not None
+    assert first_due <= first_asked + FIRST_AUDIO_DUE_S  # the caller already waits
+    # The first clause's 3 s of audio were queued after it was asked for.
+    assert later_due >= first_asked + 3.0 - LATER_AUDIO_LEAD_S > first_due
 
 
 def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause(
