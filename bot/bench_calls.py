@@ -122,6 +122,13 @@ def run(
         "missed_answers": missed,
         "refused_busy": refused,
         "talk_overs": talk_overs,
+        # Which turns: the call's log (by uuid) shows what the bot was doing.
+        "talk_over_turns": [
+            {"call": sc.name, "uuid": r.uuid, "turn": t.index, "frames": t.talk_over_frames}
+            for sc, r in zip(scenarios, reports, strict=True)
+            for t in r.turns
+            if t.talk_over_frames
+        ],
         # The longest silence inside each answer: a stall between clauses the caller hears.
         "mid_reply_gap_ms": summary(
             [t.longest_gap_ms for r in reports for t in r.turns if t.response_latency_ms]

@@ -356,11 +356,25 @@ class Turn:
     reply: str = ""
     stt_speculative: bool = False
     interrupted: bool = False
+    # Per clause: [words, text complete, first audio (ms after speech_end), silence before it
+    # that the caller heard (ms; 0 for the first clause)]: where a stall mid-answer came from.
+    clauses: list[list[float]] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str, t: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if t is None else t)
+
+    def relative_clauses(self) -> list[list[float]]:
+        base = self.marks.get("speech_end", 0.0)
+        return [
+            [
+                int(c[0]),
+                *(round((t - base) * 1000) for t in c[1:3]),
+                *(round(x * 1000) for x in c[3:]),
+            ]
+            for c in self.clauses
+        ]
 
     def relative_ms(self) -> dict[str, float]:
         base = self.marks.get("speech_end")
@@ -651,6 +665,7 @@ class Assistant:
         clauses: asyncio.Queue[str | None] = asyncio.Queue()
         usage = Usage()
         pieces: list[str] = []
+        ready: list[float] = []  # when each clause's text was complete
         # On 2 cores the LLM decoding on and the TTS synthesizing the first clause slow each
         # other down; the first clause is what the caller waits for, so the LLM pauses from
         # the first clause until that clause is synthesized (its audio streams out as it is
@@ -689,6 +704,7 @@ class Assistant:
                         turn.mark("llm_first_token")
                         pieces.append(piece)
                         for clause in splitter.feed(piece):
+                            ready.append(time.monotonic())
                             if "first_clause" not in turn.marks:
                                 turn.mark("first_clause")
                                 if turn.release.is_set():
@@ -696,6 +712,7 @@ class Assistant:
                             clauses.put_nowait(clause)
                 rest = splitter.flush()
                 if rest:
+                    ready.append(time.monotonic())
                     turn.mark("first_clause")
                     clauses.put_nowait(rest)
             finally:
@@ -717,6 +734,8 @@ class Assistant:
                 while (clause := await clauses.get()) is not None:
                     first = "tts_first_audio" not in turn.marks
                     trimmer = ClauseTrimmer(rate, clause, first=first)
+                    record = [float(len(clause.split())), ready[len(turn.clauses)]]
+                    turn.clauses.append(record)
                     if first:
                         due = turn.marks.get("speech_end", time.monotonic()) + FIRST_AUDIO_DUE_S
                     else:
@@ -726,6 +745,9 @@ class Assistant:
                         async for chunk in audio:
                             if pcm := trimmer.feed(chunk):
                                 turn.mark("tts_first_audio")
+                                if len(record) == 2:
+                                    now = time.monotonic()
+                                    record += [now, max(0.0, now - runs_out) if runs_out else 0.0]
                                 queue(pcm)
                     if trimmer.heard:
                         queue(trimmer.end())
@@ -769,6 +791,7 @@ class Assistant:
                     llm_wait_ms=round(usage.wait_s * 1000, 1),
                     llm_first_token_ms=round((usage.first_token_s or 0.0) * 1000, 1),
                     marks_ms=turn.relative_ms(),
+                    clauses=turn.relative_clauses(),
                 )
             else:  # the caller went on: this reply was never heard
                 call.calllog.event(

@@ -291,6 +291,13 @@ def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark
     assert [marks[m] for m in ordered] == sorted(marks[m] for m in ordered)
     assert marks["endpoint"] <= marks["first_frame_out"] <= marks["endpoint"] + 100
     assert not [e for e in events if e["event"] == "reply_ahead_dropped"]
+    # per clause: words, text complete, first audio, silence heard before it
+    first, second = turn["clauses"]
+    assert first[0] == 1 and second[0] == 6
+    assert first[1] == pytest.approx(marks["first_clause"], abs=1)
+    assert first[2] == pytest.approx(marks["tts_first_audio"], abs=1)
+    assert first[3] == 0 and second[3] >= 0
+    assert first[1] <= second[1] <= second[2] and first[2] <= second[2]
 
 
 def test_without_reply_ahead_the_reply_starts_at_the_endpoint(calls_dir: Path) -> None:
