@@ -422,6 +422,11 @@ class Assistant:
         self._turn: Turn | None = None
         self._turns = 0
         self._carry = ""  # words of a turn whose reply was cut off before it was heard
+        # Clear while the caller's voice is heard outside our own speech: the reply holds its
+        # next clause (see _respond's play), so a pause mid-answer the caller took for its end
+        # does not become both talking at once.
+        self._floor = asyncio.Event()
+        self._floor.set()
         self._transfer_asked: str | None = None  # why the caller wants a person
         call.playout.on_voice_start = self._on_voice_start
         call.on_dtmf = self._on_dtmf
@@ -465,6 +470,10 @@ class Assistant:
                         raise failure
                 for event in detector.feed(audio.pcm, t, gated=self._gated(t)):
                     await self._on_event(event, detector)
+                if detector.hearing(t):
+                    self._floor.clear()
+                else:
+                    self._floor.set()
         finally:
             await self._cancel_reply()
             if self._speculation is not None:
@@ -760,6 +769,9 @@ class Assistant:
         async def play() -> None:
             await turn.release.wait()  # a reply ahead of the endpoint waits for it
             while (pcm := await played.get()) is not None:
+                # Nothing of ours is playing and the caller's voice began: wait until it
+                # stops (a noise), or becomes a turn (SpeechStarted cancels this reply).
+                await self._floor.wait()
                 call.state = "speaking"
                 await call.play(pcm)
 

@@ -174,6 +174,9 @@ class TurnSettings:
     barge_in_ms: int = 200
 
 
+# A voiced frame outside our own speech counts as the caller being heard this long (see
+# TurnDetector.hearing).
+HEARING_S: Final = 0.3
 # Words a turn rarely ends on: a caller who stops after one of these is likely to go on.
 TRAILING: Final = frozenset(
     [
@@ -251,16 +254,26 @@ class TurnDetector:
         self._gated_run = 0
         self._utt: _Utterance | None = None
         self._hint: bool | None = None
+        self._voice_at: float | None = None  # the last voiced frame outside our own speech
 
     @property
     def in_speech(self) -> bool:
         return self._utt is not None
+
+    def hearing(self, t: float) -> bool:
+        """The caller is speaking, or was heard within ``HEARING_S`` before ``t`` outside our
+        own speech (a voice that may yet become a turn: the onset counts voiced frames in a
+        row, and the first syllables of a word are not all voiced)."""
+        return self._utt is not None or (
+            self._voice_at is not None and t - self._voice_at < HEARING_S
+        )
 
     def hint_complete(self, complete: bool | None) -> None:
         """Adapts the current pause's hangover (from a speculative transcript)."""
         self._hint = complete
 
     def reset(self) -> None:
+        self._voice_at = None
         self._utt = None
         self._onset_run = 0
         self._gated_run = 0
@@ -331,6 +344,8 @@ class TurnDetector:
         self._gated_run = 0
         self._pre_roll.append(pcm)
         self._onset_run = self._onset_run + 1 if voiced else 0
+        if voiced:
+            self._voice_at = t
         if self._onset_run >= self._frames(self.s.onset_ms):
             self._start(list(self._pre_roll), t, self._onset_run)
             return [SpeechStarted(t)]

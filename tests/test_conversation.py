@@ -132,6 +132,7 @@ class FakeTts:
         self.heard_first: list[bool] = []
         self.seconds: dict[str, float] = {}  # audio of a clause (default: 60 ms a word)
         self.dues: list[tuple[str, float | None, float]] = []  # text, due, when asked
+        self.holds: dict[str, threading.Event] = {}  # a clause waits for its event
 
     def check_voice(self, voice: str) -> None:
         if voice not in ("", "tone"):
@@ -142,6 +143,8 @@ class FakeTts:
     ) -> Iterator[np.ndarray]:
         if self.hold is not None:
             self.hold.wait(10)
+        if text in self.holds:
+            self.holds[text].wait(10)
         self.texts.append(text)
         self.voices.append(voice)
         self.dues.append((text, due, time.monotonic()))
@@ -433,6 +436,36 @@ def test_the_gate_ignores_the_caller_while_the_bot_speaks(calls_dir: Path) -> No
     run_call(settings, assets, [speech(0.6) + pause(1.2) + speech(0.8)], greeting_wait=0, quiet=1.0)
     turns = [e for e in call_events(calls_dir) if e["event"] == "turn"]
     assert len(turns) == 1 and turns[0]["interrupted"] is False
+
+
+def test_a_clause_ready_as_the_caller_starts_talking_in_a_pause_waits_and_is_dropped(
+    calls_dir: Path,
+) -> None:
+    """The caller took a stall mid-answer for its end and speaks: the next clause, ready just
+    as the caller's first voiced frame arrives, is not played over it (without the hold it
+    was, and the caller's turn, gated out, was never answered)."""
+    settings, engines, assets = setup(calls_dir)
+    heard = threading.Event()  # the server saw the caller's first frame of the second turn
+    marked = VOICED[:1] + b"\x02" + VOICED[2:]
+
+    class MarkingVad(ScriptedVad):
+        def is_speech(self, pcm: bytes, rate: int) -> bool:
+            if pcm[:2] == marked[:2]:
+                heard.set()
+            return super().is_speech(pcm, rate)
+
+    assets.vad = MarkingVad  # type: ignore[method-assign]
+    engines.tts.seconds["Sure,"] = 0.4
+    engines.tts.holds["here is the answer you wanted."] = heard
+    second = marked * round(0.8 / 0.02)
+    sim = run_call(settings, assets, [speech(0.6), second], greeting_wait=0, quiet=1.0)
+    first, answered = sim.report.turns
+    assert first.talk_over_frames == 0 and answered.talk_over_frames == 0
+    assert answered.response_latency_ms is not None
+    turns = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert len(turns) == 2  # the whole second turn was heard (0.8 s and the pre-roll)
+    assert float(turns[1]["transcript"].split()[3]) >= 0.8
+    assert turns[0]["interrupted"] is True and turns[0]["reply"].startswith("Sure,")
 
 
 def test_barge_in_stops_the_bot_and_keeps_the_callers_words(calls_dir: Path) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bot.turns import (
+    HEARING_S,
     BargeIn,
     Discarded,
     EndOfTurn,
@@ -127,6 +128,20 @@ def test_the_gate_keeps_the_bots_own_echo_from_starting_a_turn() -> None:
     assert kinds(events)[0] == (67, "SpeechStarted")
     end = events[-1][1]
     assert isinstance(end, EndOfTurn) and V * 11 not in end.audio[: 5 * 320]
+
+
+def test_the_caller_is_heard_from_a_single_voiced_frame_outside_the_gate() -> None:
+    det = TurnDetector(ScriptedVad(), 8000, TurnSettings(**BASE))
+    det.feed(V, 0.0, gated=True)  # our own echo: not the caller
+    assert not det.hearing(0.0)
+    det.feed(S, 0.02)
+    det.feed(V, 0.04)  # one voiced frame: no onset yet, but the caller may be starting
+    det.feed(S, 0.06)
+    assert not det.in_speech and det.hearing(0.06)
+    assert det.hearing(0.04 + HEARING_S - 0.01) and not det.hearing(0.04 + HEARING_S)
+    for i in range(3, 6):  # the onset: a turn
+        det.feed(V, i * 0.02)
+    assert det.in_speech and det.hearing(10.0)
 
 
 def test_barge_in_after_sustained_speech_through_the_gate_keeps_the_words() -> None:
