@@ -252,12 +252,18 @@ def test_kokoro_window_plan_covers_the_speech_once() -> None:
     assert all(later >= earlier for earlier, later in zip(sizes, sizes[1:-1], strict=False))
     # A clause shorter than one window is one window.
     assert _KokoroStreamer.windows(40, np.array([5, 5, 10], dtype=np.float32)) == [(2, 28)]
-    # For PyTorch's vocoder each window is twice as long *with* its context: 64, 128, 256.
+    # For PyTorch's vocoder the first window is 64 frames with its context, the next ones the
+    # longest prepared bucket (256), and a last one only needs its left context.
     long = np.array([14, *[10] * 40, 8], dtype=np.float32)
     bucketed = _KokoroStreamer.windows(int(2 * long.sum()), long, bucketed=True)
     sizes = [b - a for a, b in bucketed]
-    assert sizes[:3] == [32, 96, 224]
-    assert [s + 2 * CONTEXT_FRAMES for s in sizes[:3]] == [BUCKET_FRAMES, 128, 256]
+    assert [s + 2 * CONTEXT_FRAMES for s in sizes[:3]] == [BUCKET_FRAMES, 256, 256]
+    assert sum(sizes) == bucketed[-1][1] - bucketed[0][0] and 0 < sizes[-1] <= 240
+    clause = np.array([14, *[10] * 9, 8], dtype=np.float32)  # ~1.1 s: two windows
+    sizes = [
+        b - a for a, b in _KokoroStreamer.windows(int(2 * clause.sum()), clause, bucketed=True)
+    ]
+    assert len(sizes) == 2 and sizes[0] + 2 * CONTEXT_FRAMES == BUCKET_FRAMES
 
 
 def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path: Path) -> None:

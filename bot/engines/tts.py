@@ -29,8 +29,8 @@ Where the CPU has bfloat16 units (AMX or AVX512-BF16), the generator runs on PyT
 bfloat16 instead of onnxruntime's int8 (``TtsOptions.vocoder``, :mod:`bot.engines.vocoder`):
 2.3-2.6x faster here, the first window in ~110 ms instead of ~250 ms. oneDNN prepares its
 kernels once per input length (~80 ms the first time), so those windows are vocoded in whole
-``BUCKET_FRAMES`` (more real context where the sentence has it; each next window twice as
-long *with* its context: 64, 128, 256 frames), prepared at load.
+``BUCKET_FRAMES`` (more real context where the sentence has it: the first window 64 frames with
+its context, the next ones up to 256), prepared at load.
 """
 
 from __future__ import annotations
@@ -395,19 +395,25 @@ class _KokoroStreamer:
     @staticmethod
     def windows(frames: int, durations: Any, *, bucketed: bool = False) -> list[tuple[int, int]]:
         """The frame windows to vocode: the pads cropped to a margin, the first window short,
-        each next one twice as long (it is vocoded while the ones before it play); with
-        ``bucketed``, twice as long with its context, so that a first window of 32 frames is
-        vocoded as 64, the next ones as 128 and 256 (``BUCKET_FRAMES``)."""
+        each next one twice as long (it is vocoded while the ones before it play). With
+        ``bucketed`` (PyTorch's vocoder, faster per frame the longer the window: 64 / 128 / 256
+        frames in ~67 / 125 / 201 ms) the first window of 32 frames is vocoded as 64 with its
+        context, and the next ones as the longest prepared bucket (256): the rest of a clause
+        of up to ~3 s in one run, with one context instead of two or three."""
         per_unit = frames / max(1.0, float(durations.sum()))  # frames per duration unit
         start = max(0, round(float(durations[0]) * per_unit) - PAD_MARGIN_FRAMES)
         end = min(frames, frames - round(float(durations[-1]) * per_unit) + PAD_MARGIN_FRAMES)
         end = max(end, min(frames, start + 1))
         out: list[tuple[int, int]] = []
         size = FIRST_WINDOW_FRAMES + min(start, PAD_MARGIN_FRAMES)  # speech, past the margin
+        longest = WARM_BUCKETS * BUCKET_FRAMES - 2 * CONTEXT_FRAMES
         while start < end:
-            stop = end if end - start < size + size // 2 else start + size
+            if bucketed and out:  # the last window has no right context to vocode
+                stop = end if end - start <= longest + CONTEXT_FRAMES else start + longest
+            else:
+                stop = end if end - start < size + size // 2 else start + size
             out.append((start, stop))
-            start, size = stop, (2 * size + 2 * CONTEXT_FRAMES if bucketed else 2 * size)
+            start, size = stop, 2 * size
         return out
 
     def _vocode(
