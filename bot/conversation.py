@@ -266,6 +266,8 @@ async def iterate_in_thread(
 # before the audio queued for its call runs out (what it may wait, plus its own synthesis).
 FIRST_AUDIO_DUE_S: Final = 0.8
 LATER_AUDIO_LEAD_S: Final = 1.0
+# The longest a clause waits for a caller heard in a pause of ours to become a turn or stop.
+FLOOR_HOLD_S: Final = 0.6
 
 
 # --- per-process assets -------------------------------------------------------------------------
@@ -770,8 +772,12 @@ class Assistant:
             await turn.release.wait()  # a reply ahead of the endpoint waits for it
             while (pcm := await played.get()) is not None:
                 # Nothing of ours is playing and the caller's voice began: wait until it
-                # stops (a noise), or becomes a turn (SpeechStarted cancels this reply).
-                await self._floor.wait()
+                # stops, or becomes a turn (SpeechStarted cancels this reply); a line whose
+                # noise keeps the VAD flickering holds a clause no longer than FLOOR_HOLD_S.
+                if not self._floor.is_set() and not self._gated(time.monotonic()):
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FLOOR_HOLD_S):
+                            await self._floor.wait()
                 call.state = "speaking"
                 await call.play(pcm)
 

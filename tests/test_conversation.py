@@ -23,6 +23,7 @@ from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import (
     FIRST_AUDIO_DUE_S,
+    FLOOR_HOLD_S,
     KEEP_BEFORE_FIRST_MS,
     LATER_AUDIO_LEAD_S,
     MARKS,
@@ -466,6 +467,42 @@ def test_a_clause_ready_as_the_caller_starts_talking_in_a_pause_waits_and_is_dro
     assert len(turns) == 2  # the whole second turn was heard (0.8 s and the pre-roll)
     assert float(turns[1]["transcript"].split()[3]) >= 0.8
     assert turns[0]["interrupted"] is True and turns[0]["reply"].startswith("Sure,")
+
+
+def test_a_flickering_noise_holds_the_next_clause_only_briefly(calls_dir: Path) -> None:
+    """Noise that the VAD calls voiced every other frame never becomes a turn: the clause it
+    holds goes out after FLOOR_HOLD_S, and the whole answer is heard."""
+    settings, engines, assets = setup(calls_dir)
+    noisy = threading.Event()  # the noise has reached the server
+
+    class NoticingVad(ScriptedVad):
+        def is_speech(self, pcm: bytes, rate: int) -> bool:
+            voiced = super().is_speech(pcm, rate)
+            if voiced and engines.tts.texts:  # after the first clause: the noise
+                noisy.set()
+            return voiced
+
+    assets.vad = NoticingVad  # type: ignore[method-assign]
+    engines.tts.seconds["Sure,"] = 0.4
+    engines.tts.holds["here is the answer you wanted."] = noisy
+    flicker = (VOICED + QUIET) * 100  # 4 s of noise, no two voiced frames in a row
+    sim = run_call(
+        settings,
+        assets,
+        [speech(0.6) + pause(1.5) + flicker],
+        greeting_wait=0,
+        quiet=1.0,
+        answer_timeout=1.0,
+    )
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["interrupted"] is False
+    assert turn["reply"] == "Sure, here is the answer you wanted."
+    # The first clause played before the noise; the second waited FLOOR_HOLD_S into it (not
+    # to its end, 4 s later).
+    noise = sim.report.turns[0].speech_start + 0.6 + 1.5
+    assert any(t < noise for t in sim.voiced_rx_times)
+    resumed = min(t for t in sim.voiced_rx_times if t > noise)
+    assert noise + FLOOR_HOLD_S - 0.1 <= resumed <= noise + FLOOR_HOLD_S + 0.5
 
 
 def test_barge_in_stops_the_bot_and_keeps_the_callers_words(calls_dir: Path) -> None:

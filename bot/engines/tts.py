@@ -27,7 +27,7 @@ same words.
 
 Where the CPU has bfloat16 units (AMX or AVX512-BF16), the generator runs on PyTorch in
 bfloat16 instead of onnxruntime's int8 (``TtsOptions.vocoder``, :mod:`bot.engines.vocoder`):
-2.3-2.6x faster here, the first window in ~110 ms instead of ~250 ms. oneDNN prepares its
+~4x faster here, the first window in ~67 ms instead of ~250 ms. oneDNN prepares its
 kernels once per input length (~80 ms the first time), so those windows are vocoded in whole
 ``BUCKET_FRAMES`` (more real context where the sentence has it: the first window 64 frames with
 its context, the next ones up to 256), prepared at load.
