@@ -350,6 +350,14 @@ class Assets:
 # --- the behaviour ------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class ClauseTiming:
+    words: int
+    ready: float  # monotonic: the clause's text was complete
+    first_audio: float | None = None
+    silence: float = 0.0  # seconds the caller heard nothing before it (0 for the first)
+
+
 @dataclass
 class Turn:
     index: int
@@ -358,25 +366,24 @@ class Turn:
     reply: str = ""
     stt_speculative: bool = False
     interrupted: bool = False
-    # Per clause: [words, text complete, first audio (ms after speech_end), silence before it
-    # that the caller heard (ms; 0 for the first clause)]: where a stall mid-answer came from.
-    clauses: list[list[float]] = field(default_factory=list)
+    clauses: list[ClauseTiming] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str, t: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if t is None else t)
 
-    def relative_clauses(self) -> list[list[float]]:
+    def relative_clauses(self) -> list[list[int]]:
+        """Per clause: [words, text complete, first audio (ms after speech_end), silence before
+        it that the caller heard (ms; 0 for the first clause)]: where a stall came from."""
         base = self.marks.get("speech_end", 0.0)
-        return [
-            [
-                int(c[0]),
-                *(round((t - base) * 1000) for t in c[1:3]),
-                *(round(x * 1000) for x in c[3:]),
-            ]
-            for c in self.clauses
-        ]
+        out = []
+        for c in self.clauses:
+            row = [c.words, round((c.ready - base) * 1000)]
+            if c.first_audio is not None:
+                row += [round((c.first_audio - base) * 1000), round(c.silence * 1000)]
+            out.append(row)
+        return out
 
     def relative_ms(self) -> dict[str, float]:
         base = self.marks.get("speech_end")
@@ -673,10 +680,9 @@ class Assistant:
         executor = self.assets.executor
         first_words = self.assets.settings.turns.first_clause_words
         splitter = ClauseSplitter(first_max_words=first_words)
-        clauses: asyncio.Queue[str | None] = asyncio.Queue()
+        clauses: asyncio.Queue[tuple[str, float] | None] = asyncio.Queue()  # and when complete
         usage = Usage()
         pieces: list[str] = []
-        ready: list[float] = []  # when each clause's text was complete
         # On 2 cores the LLM decoding on and the TTS synthesizing the first clause slow each
         # other down; the first clause is what the caller waits for, so the LLM pauses from
         # the first clause until that clause is synthesized (its audio streams out as it is
@@ -715,17 +721,15 @@ class Assistant:
                         turn.mark("llm_first_token")
                         pieces.append(piece)
                         for clause in splitter.feed(piece):
-                            ready.append(time.monotonic())
                             if "first_clause" not in turn.marks:
                                 turn.mark("first_clause")
                                 if turn.release.is_set():
                                     call.state = "synthesizing"
-                            clauses.put_nowait(clause)
+                            clauses.put_nowait((clause, time.monotonic()))
                 rest = splitter.flush()
                 if rest:
-                    ready.append(time.monotonic())
                     turn.mark("first_clause")
-                    clauses.put_nowait(rest)
+                    clauses.put_nowait((rest, time.monotonic()))
             finally:
                 clauses.put_nowait(None)
 
@@ -742,11 +746,12 @@ class Assistant:
                 played.put_nowait(pcm)
 
             try:
-                while (clause := await clauses.get()) is not None:
+                while (item := await clauses.get()) is not None:
+                    clause, ready = item
                     first = "tts_first_audio" not in turn.marks
                     trimmer = ClauseTrimmer(rate, clause, first=first)
-                    record = [float(len(clause.split())), ready[len(turn.clauses)]]
-                    turn.clauses.append(record)
+                    timing = ClauseTiming(len(clause.split()), ready)
+                    turn.clauses.append(timing)
                     if first:
                         due = turn.marks.get("speech_end", time.monotonic()) + FIRST_AUDIO_DUE_S
                     else:
@@ -756,9 +761,10 @@ class Assistant:
                         async for chunk in audio:
                             if pcm := trimmer.feed(chunk):
                                 turn.mark("tts_first_audio")
-                                if len(record) == 2:
-                                    now = time.monotonic()
-                                    record += [now, max(0.0, now - runs_out) if runs_out else 0.0]
+                                if timing.first_audio is None:
+                                    timing.first_audio = time.monotonic()
+                                    if runs_out:
+                                        timing.silence = max(0.0, timing.first_audio - runs_out)
                                 queue(pcm)
                     if trimmer.heard:
                         queue(trimmer.end())
