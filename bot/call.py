@@ -164,6 +164,8 @@ class Call:
             with contextlib.suppress(Exception):
                 if by_bot:
                     await asyncio.shield(s.hangup(self.end_reason))
+                else:
+                    await asyncio.shield(s.let_go())
             self._close_log(error)
         return self.end_reason
 

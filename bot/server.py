@@ -174,6 +174,14 @@ class Session:
                 await self._linger()
         await self.close()
 
+    async def let_go(self) -> None:
+        """End the call from our side without a 0x00 (Asterisk moved the caller elsewhere and a
+        hangup frame could race the move): half-close and linger, so the peer, whose frames
+        are still in flight, sees a FIN and not a reset."""
+        if not self._closed and not self._writer.is_closing():
+            await self._linger()
+        await self.close()
+
     async def _linger(self) -> None:
         """Half-closes, then drops what the peer still sends until it closes too (at most
         ``LINGER``). Closing a socket that has unread data sends a reset instead of a FIN, and

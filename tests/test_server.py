@@ -201,13 +201,18 @@ def test_silent_wire_ends_the_call(calls_dir: Path) -> None:
     assert end["reason"] == "no frame from Asterisk for 0.4 s"
 
 
-def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_close(
-    calls_dir: Path,
+@pytest.mark.parametrize("ending", ["hangup", "release"])
+def test_a_peer_still_sending_when_the_bot_ends_the_call_gets_a_clean_close(
+    calls_dir: Path, ending: str
 ) -> None:
+    """Hanging up sends 0x00 then a FIN; a release (a transfer: Asterisk moves the caller)
+    sends no 0x00, but still a FIN and never a reset, whatever the peer still had in flight."""
     settings = make_settings(calls_dir)
 
     async def leaves_at_once(call: Call) -> None:
         await call.next_audio()
+        if ending == "release":
+            call.release("transferred")
 
     async def handle(session: Session) -> None:
         await Call(
@@ -215,7 +220,7 @@ def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_
         ).run()
 
     async def flooding_call(port: int) -> tuple[list[p.Event], bool]:
-        """Sends audio as fast as it can until the bot's 0x00, like a peer whose frames are
+        """Sends audio as fast as it can until the bot's 0x00 or FIN, like a peer whose frames are
         in flight when the bot hangs up; then reads to the end."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         sim = p.Connection(p.Role.CLIENT)
@@ -232,7 +237,7 @@ def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_
                     continue
                 sim.receive_data(data)
                 events += sim.events()
-                if any(isinstance(e, p.Hangup) for e in events):
+                if any(isinstance(e, (p.Hangup, p.Closed)) for e in events):
                     break
             while not events or not isinstance(events[-1], p.Closed):
                 sim.receive_data(await asyncio.wait_for(reader.read(65536), 5))
@@ -249,8 +254,9 @@ def test_a_peer_still_sending_when_the_bot_hangs_up_gets_the_hangup_and_a_clean_
     for events, reset in asyncio.run(main()):
         assert not reset  # the bot closed only after the peer did: no reset
         kinds = [type(e) for e in events]
-        assert kinds[-2:] == [p.Hangup, p.Closed]  # the 0x00, then a FIN
-        assert set(kinds[:-2]) <= {p.Audio}  # (the playout clock's silence before it)
+        last = [p.Hangup, p.Closed] if ending == "hangup" else [p.Closed]  # (0x00), then a FIN
+        assert kinds[-len(last) :] == last
+        assert set(kinds[: -len(last)]) <= {p.Audio}  # (the playout clock's silence before it)
 
 
 def test_a_transport_closed_by_a_reset_means_the_caller_hung_up(calls_dir: Path) -> None:
