@@ -104,7 +104,8 @@ def test_serve_stops_on_bad_config_with_one_line_and_exit_2(tmp_path: Path) -> N
 def test_model_settings_and_packs() -> None:
     from bot.engines.stack import options
 
-    s = config.load(None, {"VOICEBOT_MODELS_PACK": "fast", "VOICEBOT_MODELS_THREADS": "1"})
+    env = {"VOICEBOT_MODELS_PACK": "fast", "VOICEBOT_MODELS_THREADS": "1"}
+    s = config.load(None, {**env, "VOICEBOT_MODELS_STT_THREADS": "3"})
     stt, llm, tts = options(s.models)
     assert (stt.model, llm.model, tts.engine, tts.model) == (
         "whisper-tiny.en",
@@ -112,7 +113,8 @@ def test_model_settings_and_packs() -> None:
         "piper",
         "piper-joe-medium",
     )
-    assert stt.threads == llm.threads == tts.threads == 1
+    assert (stt.threads, llm.threads, tts.threads) == (3, 1, 1)
+    assert options(config.load(None, {}).models)[0].threads == 1  # Whisper's own default
     default = options(config.load(None, {}).models)
     assert (default[1].model, default[2].model, default[2].voice) == (
         "qwen2.5-0.5b",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,7 +271,6 @@ def test_kokoro_window_plan_covers_the_speech_once() -> None:
 
 def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path: Path) -> None:
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -279,7 +281,7 @@ def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path:
     )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert _KokoroStreamer.split(path, ort.SessionOptions()) is None
+    assert _KokoroStreamer.split(path) is None
 
 
 def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
@@ -503,6 +505,19 @@ def test_openmp_build_is_recognised_and_flagged_beside_a_pytorch_vocoder() -> No
     assert not openmp_beside_pytorch(own_pool, on_torch)  # type: ignore[arg-type]
 
 
+def test_numpy_starts_no_spinning_blas_threads_beside_the_engines() -> None:
+    """OpenBLAS's idle workers spin after every call (3.8 % of the server's CPU at four calls);
+    importing ``bot`` first keeps numpy's BLAS on the calling thread."""
+    code = (
+        "import os, bot, numpy as np; a = np.ones((400, 400), np.float32); a @ a; "
+        "print(len(os.listdir('/proc/self/task')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) == 1  # the main thread only
+
+
 def test_installed_llama_cpp_runs_its_own_thread_pool(llm: LlamaLlm) -> None:
     # scripts/bootstrap builds llama.cpp without OpenMP (see bot/engines/llm.py); a wheel from
     # pip's cache, built with other flags, would silently bring the slow-down back.
@@ -518,8 +533,8 @@ def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm) -> None:
 
     messages = [{"role": "user", "content": "Name a colour."}]
     assert llm.options.threads == 2
-    with ACTIVITY.running():
-        assert ACTIVITY.busy
+    with ACTIVITY.running("tts"):
+        assert ACTIVITY.beside("llm") and not ACTIVITY.beside("tts")
         assert "".join(llm.stream(messages, max_tokens=3)).strip()
         assert llama_threads() == (1, 1)
     assert not ACTIVITY.busy
@@ -530,10 +545,13 @@ def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm) -> None:
 def test_stt_and_tts_runs_count_as_activity(
     whisper: WhisperStt, kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[bool] = []
+    seen: list[tuple[bool, bool]] = []  # (beside the LLM, beside the TTS)
+
+    def look() -> None:
+        seen.append((ACTIVITY.beside("llm"), ACTIVITY.beside("tts")))
 
     def short(audio: np.ndarray) -> str:
-        seen.append(ACTIVITY.busy)
+        look()
         return "hello"
 
     assert whisper._short is not None
@@ -542,13 +560,61 @@ def test_stt_and_tts_runs_count_as_activity(
 
     def stream(phonemes: str, style: Any) -> Iterator[np.ndarray]:
         for _ in range(2):
-            seen.append(ACTIVITY.busy)
+            look()
             yield np.zeros(240, dtype=np.float32)
 
     monkeypatch.setattr(kokoro, "_stream", stream)
     assert len(list(kokoro.synthesize("Hello there."))) == 2
-    assert seen == [True, True, True]
+    # Whisper counts beside both; Kokoro beside the LLM, not beside itself.
+    assert seen == [(True, True), (True, False), (True, False)]
     assert not ACTIVITY.busy
+
+
+def test_kokoro_runs_on_one_thread_beside_another_engine(
+    kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone a Kokoro run takes its threads; beside the LLM or Whisper, one (both the ONNX
+    front's session and the PyTorch vocoder)."""
+    import torch
+
+    streaming = kokoro.streaming
+    assert streaming is not None and kokoro.options.threads == 2
+    fronts: list[Any] = []
+    torch_threads: list[int] = []
+    sessions = streaming.front._by_threads
+    for n, session in sessions.items():
+        monkeypatch.setitem(sessions, n, _Spy(session, lambda n=n: fronts.append(n)))
+    vocoder = streaming.vocoder  # None where the CPU has no bfloat16 units: onnxruntime's
+    if vocoder is not None:
+        vocode = vocoder.run
+
+        def spy(*args: Any, **kw: Any) -> Any:
+            out = vocode(*args, **kw)
+            torch_threads.append(torch.get_num_threads())
+            return out
+
+        monkeypatch.setattr(vocoder, "run", spy)
+    assert list(kokoro.synthesize("Hello there."))
+    alone = (list(fronts), set(torch_threads))
+    fronts.clear()
+    torch_threads.clear()
+    with ACTIVITY.running("llm"):
+        assert list(kokoro.synthesize("Hello there."))
+    on_torch = vocoder is not None
+    assert alone == ([2], {2} if on_torch else set())
+    assert (fronts, set(torch_threads)) == ([1], {1} if on_torch else set())
+
+
+class _Spy:
+    def __init__(self, session: Any, called: Any) -> None:
+        self._session, self._called = session, called
+
+    def run(self, *args: Any) -> Any:
+        self._called()
+        return self._session.run(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
 
 
 def test_deadline_lock_serves_the_earliest_due_first() -> None:

@@ -275,7 +275,7 @@ class LlamaLlm:
         cores (p50 / p95 response): 4.0 / 6.8 s with 2 LLM threads always, 1.9 / 2.9 s with
         this (the OpenMP build, whose barriers sleep: 2.4 / 3.9 s).
         """
-        want = 1 if ACTIVITY.busy else self.options.threads
+        want = ACTIVITY.threads("llm", self.options.threads)
         if want != self.threads:
             self._ctx.set_n_threads(want, want)
             self.threads = want
@@ -515,8 +515,9 @@ class LlamaLlm:
                 outputs.append((g, n - 1))
         batch.n_tokens = n
         try:
-            self._fit_threads()
-            self._ctx.decode(self._batch)
+            with ACTIVITY.running("llm"):
+                self._fit_threads()
+                self._ctx.decode(self._batch)
             return [(g, g.sampler.sample(self._ctx, i)) for g, i in outputs]
         except Exception as exc:
             # What the failed step left in these sequences is unknown: start them afresh.

@@ -11,7 +11,7 @@ from typing import Final
 import numpy as np
 
 from ..config import ModelSettings
-from . import EngineError
+from . import ACTIVITY, EngineError
 from .llm import LlamaLlm, LlmOptions
 from .stt import SttOptions, WhisperStt
 from .tts import KokoroTorch, TtsEngine, TtsOptions, create
@@ -44,7 +44,7 @@ WARM_UP_PHRASES: Final = ("Hello!", "Thanks for calling, how can I help you toda
 
 def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
     pack = PACK_MODELS[m.pack]
-    stt = SttOptions(model=m.stt or pack["stt"], beam_size=m.stt_beam_size, threads=m.threads)
+    stt = SttOptions(model=m.stt or pack["stt"], beam_size=m.stt_beam_size, threads=m.stt_threads)
     llm = LlmOptions(
         model=m.llm or pack["llm"],
         threads=m.threads,
@@ -114,6 +114,9 @@ class Engines:
         start = time.perf_counter()
         self._say("warming up TTS ...")
         audio = [np.concatenate(list(self.tts.synthesize(p))) for p in WARM_UP_PHRASES]
+        with ACTIVITY.running("warm-up"):  # the paths a run takes beside another engine
+            for _ in self.tts.synthesize(WARM_UP_PHRASES[1]):
+                pass
         self.timing.warm_up["tts"] = time.perf_counter() - start
         start = time.perf_counter()
         self._say("warming up STT ...")

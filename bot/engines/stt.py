@@ -106,14 +106,14 @@ class WhisperStt:
         window = self.options.window_s
         if self._short is not None and len(audio) / WHISPER_RATE <= window - 0.5:
             try:
-                with self._lock, ACTIVITY.running():
+                with self._lock, ACTIVITY.running("stt"):
                     text = self._short.transcribe(audio)
             except Exception as exc:
                 raise EngineFailed(f"Whisper failed: {exc}") from exc
             return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, o.language)
         try:
             # One decode at a time per model: CTranslate2 uses all its threads.
-            with self._lock, ACTIVITY.running():
+            with self._lock, ACTIVITY.running("stt"):
                 segments, info = self._model.transcribe(
                     audio,
                     language=o.language,

@@ -198,7 +198,7 @@ class _KokoroBase:
                 pieces = self._stream(phonemes, style)
                 while True:
                     # One model run at a time; others, due sooner, may run in between.
-                    with self._lock.hold(due), ACTIVITY.running():
+                    with self._lock.hold(due), ACTIVITY.running("tts"):
                         try:
                             audio = next(pieces, None)
                         except Exception as exc:
@@ -249,23 +249,23 @@ class KokoroOnnx(_KokoroBase):
         self.voices = dict(np.load(voices_path))
         self._voices_path = voices_path
         self.style = self._style(options.voice)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.inter_op_num_threads = 1
         self.streaming: _KokoroStreamer | None = None
         if options.streaming:
             self.streaming = _KokoroStreamer.split(
-                Path(resolved.path), so, vocoder=options.vocoder, threads=options.threads
+                Path(resolved.path), vocoder=options.vocoder, threads=options.threads
             )
         # The whole graph in one session only where it is run whole (the halves hold it all).
         self.session: Any = None
         if self.streaming is None:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = options.threads
+            so.inter_op_num_threads = 1
             self.session = ort.InferenceSession(
                 str(resolved.path), sess_options=so, providers=["CPUExecutionProvider"]
             )
             entry = self.session
         else:
-            entry = self.streaming.front  # takes the model's inputs
+            entry = self.streaming.front.session(options.threads)  # takes the model's inputs
         self._inputs = {i.name for i in entry.get_inputs()}
         super().__init__(options, g2p)
 
@@ -306,24 +306,52 @@ class KokoroOnnx(_KokoroBase):
             yield from self.streaming.run(feeds)
 
 
+class _Sessions:
+    """One part of the graph on onnxruntime, as a session per thread count (a session's
+    threads are fixed): each run takes ``threads`` alone, one beside another engine (see
+    :class:`bot.engines.Activity`)."""
+
+    def __init__(self, part: Any, threads: int, *, spinning: bool) -> None:
+        import onnxruntime as ort
+
+        self.threads = threads
+        self._by_threads: dict[int, Any] = {}
+        for n in sorted({1, threads}):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n
+            so.inter_op_num_threads = 1
+            if not spinning:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._by_threads[n] = ort.InferenceSession(
+                part.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+            )
+
+    def session(self, threads: int) -> Any:
+        return self._by_threads[threads]
+
+    def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
+        return self._by_threads[ACTIVITY.threads("tts", self.threads)].run(outputs, feeds)
+
+
 class _KokoroStreamer:
     """Kokoro's ONNX graph as a front and a windowed vocoder (see the module's docstring)."""
 
-    def __init__(self, front: Any, generator: Any, vocoder: TorchVocoder | None = None) -> None:
+    def __init__(
+        self, front: _Sessions, generator: _Sessions | None, vocoder: TorchVocoder | None = None
+    ) -> None:
         self.front = front
         self.generator = generator  # onnxruntime's, or None where ``vocoder`` replaces it
         self.vocoder = vocoder
 
     @classmethod
     def split(
-        cls, path: Path, options: Any, *, vocoder: str = "onnx", threads: int = 2
+        cls, path: Path, *, vocoder: str = "onnx", threads: int = 2
     ) -> _KokoroStreamer | None:
         """Both halves of the model at ``path``; None (one-shot synthesis) for a graph that
         lacks the tensors it is cut at, such as another exporter's. ``vocoder``: see
         :class:`TtsOptions`."""
         import onnx
         import onnx.utils
-        import onnxruntime as ort
 
         model = onnx.load(str(path))
         names = {o for node in model.graph.node for o in node.output}
@@ -333,23 +361,19 @@ class _KokoroStreamer:
         inputs = [i.name for i in model.graph.input]
         front = extractor.extract_model(inputs, [_GEN_FEATURES, _GEN_SOURCE, _DURATIONS])
 
-        def session(part: Any) -> Any:
-            return ort.InferenceSession(
-                part.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-
         torch_vocoder = cls._torch_vocoder(model, vocoder, threads)
         if torch_vocoder is not None:
             # onnxruntime's threads spin after each run, which slowed the vocoder's first
             # window right after the front by ~30 ms: they sleep instead here.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            streamer = cls(session(front), None, torch_vocoder)
+            streamer = cls(_Sessions(front, threads, spinning=False), None, torch_vocoder)
             streamer.warm_up()
             return streamer
         generator = extractor.extract_model(
             [_GEN_FEATURES, _GEN_SOURCE, _GEN_STYLE], [o.name for o in model.graph.output]
         )
-        return cls(session(front), session(generator))
+        return cls(
+            _Sessions(front, threads, spinning=True), _Sessions(generator, threads, spinning=True)
+        )
 
     @staticmethod
     def _torch_vocoder(model: Any, choice: str, threads: int) -> TorchVocoder | None:
@@ -363,15 +387,18 @@ class _KokoroStreamer:
             return None  # auto: onnxruntime's generator
 
     def warm_up(self) -> None:
-        """Runs the vocoder once on each common window length (see ``BUCKET_FRAMES``)."""
+        """Runs the vocoder once on each common window length (see ``BUCKET_FRAMES``), on
+        each thread count it takes (oneDNN prepares its kernels per length and thread count:
+        the first 256-frame window on one thread took 0.5 s more than the next)."""
         if self.vocoder is None:
             return
         style = np.zeros((1, 128), dtype=np.float32)
-        for n in range(1, WARM_BUCKETS + 1):
-            frames = n * BUCKET_FRAMES
-            features = np.zeros((1, 512, frames), dtype=np.float32)
-            source = np.zeros((1, 22, frames * SOURCE_PER_FRAME + 1), dtype=np.float32)
-            self.vocoder.run(features, source, style)
+        for threads in sorted({1, self.vocoder.threads}):
+            for n in range(1, WARM_BUCKETS + 1):
+                frames = n * BUCKET_FRAMES
+                features = np.zeros((1, 512, frames), dtype=np.float32)
+                source = np.zeros((1, 22, frames * SOURCE_PER_FRAME + 1), dtype=np.float32)
+                self.vocoder.run(features, source, style, threads=threads)
 
     def run(self, feeds: dict[str, Any]) -> Iterator[FloatArray]:
         features, source, durations = self.front.run(None, feeds)
@@ -434,6 +461,7 @@ class _KokoroStreamer:
         if self.vocoder is not None:
             audio = self.vocoder.run(window, harmonics, style)
         else:
+            assert self.generator is not None  # split() makes one where there is no vocoder
             feeds = {_GEN_FEATURES: window, _GEN_SOURCE: harmonics, _GEN_STYLE: style}
             (audio,) = self.generator.run(None, feeds)[:1]
             audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -551,7 +579,7 @@ class PiperTts:
     ) -> Iterator[FloatArray]:
         self.check_voice(voice or "")
         for sentence in sentences(text):
-            with self._lock.hold(due), ACTIVITY.running():
+            with self._lock.hold(due), ACTIVITY.running("tts"):
                 try:
                     chunks = list(self.voice.synthesize(sentence, self._config))
                 except Exception as exc:

@@ -46,7 +46,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from . import ModelUnavailable
+from . import ACTIVITY, ModelUnavailable
 
 _NODE: Final = re.compile(
     r"^/decoder/decoder/generator/(?P<path>(?:resblocks|noise_res|noise_convs|ups|conv_post)"
@@ -185,13 +185,17 @@ class TorchVocoder:
         features: npt.NDArray[np.float32],
         source: npt.NDArray[np.float32],
         style: npt.NDArray[np.float32],
+        *,
+        threads: int | None = None,
     ) -> npt.NDArray[np.float32]:
         """Audio at 24 kHz (``frames * 300`` samples) from the decoder's ``features``
         ``[1, 512, frames]``, the harmonic source's spectrum ``source`` ``[1, 22, frames*60+1]``
-        and the decoder's style ``[1, 128]``."""
+        and the decoder's style ``[1, 128]``. ``threads``: by default ``self.threads`` alone,
+        one beside another engine (see :class:`bot.engines.Activity`)."""
         torch = self._torch
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        threads = threads or ACTIVITY.threads("tts", self.threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             adain = self._adain(style)
             x, har = (
