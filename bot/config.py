@@ -168,10 +168,13 @@ class TurnSettingsConfig:
     onset_ms: int = _setting(60, _range(20, 1000), "voiced audio that starts a turn")
     pre_roll_ms: int = _setting(300, _range(0, 2000), "audio kept from before the onset")
     pause_ms: int = _setting(80, _range(20, 2000), "silence that starts speculative STT")
-    hangover_ms: int = _setting(500, _range(100, 5000), "silence that ends a turn")
+    hangover_ms: int = _setting(650, _range(100, 5000), "silence that ends a turn")
     hangover_complete_ms: int = _setting(250, _range(100, 5000), "... after a question")
     hangover_incomplete_ms: int = _setting(900, _range(100, 5000), "... after a trailing word")
     min_speech_ms: int = _setting(200, _range(20, 5000), "shorter turns are noise")
+    min_response_ms: int = _setting(
+        600, _range(0, 5000), "an answer is heard no sooner after the caller's last word"
+    )
     reply_ahead: bool = _setting(
         True, None, "start the reply at a pause, play it if the pause ends the turn"
     )

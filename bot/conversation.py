@@ -776,6 +776,14 @@ class Assistant:
 
         async def play() -> None:
             await turn.release.wait()  # a reply ahead of the endpoint waits for it
+            # A question ends its turn after a short hangover, so the answer is under way
+            # sooner; it is heard no sooner than min_response_ms after the caller's last word
+            # all the same: a caller who only took a breath after question-like words ("Could
+            # you recommend a good book, ... please?") is heard going on first (the clause is
+            # held, then SpeechStarted folds both parts into one turn).
+            earliest = turn.marks["speech_end"] + self.assets.settings.turns.min_response_ms / 1000
+            if (wait := earliest - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
             while (pcm := await played.get()) is not None:
                 # Nothing of ours is playing and the caller's voice began: wait until it
                 # stops, or becomes a turn (SpeechStarted cancels this reply); a line whose

@@ -15,7 +15,9 @@ arrival time; it does no I/O and knows nothing about engines, so it is tested fr
   (:meth:`TurnDetector.hint_complete`): complete turns (questions) end after
   ``hangover_complete_ms``,
   trailing ones ("and", "so", a comma) wait ``hangover_incomplete_ms``, so a 300-500 ms pause
-  inside a sentence does not make the bot answer. Without a hint, ``hangover_ms``.
+  inside a sentence does not make the bot answer. Without a hint, ``hangover_ms`` (650 ms:
+  the scenario set's 400 ms breath after a comma is 500-580 ms between voiced frames, the
+  voices' own silence around the comma included; at 500 ms the bot answered into it).
 - **Too short, too long.** A turn with less than ``min_speech_ms`` of voiced audio is dropped
   (coughs); one longer than ``max_utterance_s`` ends at once so a monologue still gets an answer.
 - **Gate and barge-in.** While the bot is speaking the call closes the gate: caller audio does
@@ -165,7 +167,7 @@ class TurnSettings:
     onset_ms: int = 60
     pre_roll_ms: int = 300
     pause_ms: int = 80
-    hangover_ms: int = 500
+    hangover_ms: int = 650
     hangover_complete_ms: int = 250
     hangover_incomplete_ms: int = 900
     min_speech_ms: int = 200

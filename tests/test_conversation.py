@@ -278,7 +278,7 @@ def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark
     sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
     [result] = sim.report.turns
     assert result.response_latency_ms is not None and result.talk_over_frames == 0
-    # hangover (500 ms) and a few frames of lead: the doubles themselves take no time
+    # hangover (650 ms) and a few frames of lead: the doubles themselves take no time
     assert 300 <= result.response_latency_ms <= 900
     events = call_events(calls_dir)
     [turn] = [e for e in events if e["event"] == "turn"]
@@ -427,6 +427,33 @@ def test_a_reply_started_at_a_pause_is_dropped_when_the_caller_goes_on(calls_dir
     last_prompt = engines.llm.prompts[-1]
     assert [m["content"] for m in last_prompt if m["role"] == "user"] == [turn["transcript"]]
     assert not [m for m in last_prompt if m["role"] == "assistant"]
+
+
+def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
+    calls_dir: Path,
+) -> None:
+    """ "Could you recommend a good book, ... please?": the words before the breath read as a
+    question, so the turn ends after the short hangover and the answer is under way; it is
+    not heard before ``min_response_ms``, and the caller going on at 450 ms is heard first."""
+    settings, engines, assets = setup(calls_dir)
+    engines.stt.text = "Could you recommend a good book?"
+    turn = speech(0.8) + pause(0.45) + speech(0.5)
+    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
+    [result] = sim.report.turns
+    assert result.talk_over_frames == 0 and result.response_latency_ms is not None
+    cut, answered = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    assert answered["transcript"] == " ".join([engines.stt.text] * 2)  # both parts, one turn
+    # Without a breath, the answer is heard min_response_ms after the question (the doubles
+    # take no time: the short hangover ended the turn well before).
+    settings, engines, assets = setup(calls_dir / "2")
+    engines.stt.text = "Could you recommend a good book?"
+    sim = run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.8)
+    [result] = sim.report.turns
+    assert result.response_latency_ms is not None
+    assert 600 <= result.response_latency_ms <= 700
+    [answered] = [e for e in call_events(calls_dir / "2") if e["event"] == "turn"]
+    assert answered["marks_ms"]["endpoint"] < 400
 
 
 def test_the_gate_ignores_the_caller_while_the_bot_speaks(calls_dir: Path) -> None:

@@ -24,7 +24,7 @@ S = bytes(320)
 
 
 # The frame positions below were worked out for these timings.
-BASE = {"pause_ms": 160, "hangover_complete_ms": 300}
+BASE = {"pause_ms": 160, "hangover_ms": 500, "hangover_complete_ms": 300}
 
 
 class ScriptedVad:
