@@ -487,6 +487,7 @@ class Assistant:
             await self._cancel_reply()
             if self._speculation is not None:
                 self._speculation[1].cancel()
+            self.dialogue.close()  # its sequence in the LLM is free to take first
 
     async def _on_event(self, event: Any, detector: TurnDetector) -> None:
         if isinstance(event, BargeIn):

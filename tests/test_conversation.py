@@ -84,6 +84,7 @@ class FakeLlm:
         self.hold: threading.Event | None = None
         self.prompts: list[list[dict[str, str]]] = []
         self.prepared: list[list[dict[str, str]]] = []
+        self.forgotten: list[list[dict[str, str]]] = []
         self.stopped_early = threading.Event()
 
     def count_tokens(self, text: str) -> int:
@@ -91,6 +92,9 @@ class FakeLlm:
 
     def prepare(self, messages: list[dict[str, str]]) -> None:
         self.prepared.append(messages)
+
+    def forget(self, messages: list[dict[str, str]]) -> None:
+        self.forgotten.append(messages)
 
     def warm_up(self, system_prompt: str = "") -> str:
         self.prompts.append([{"role": "system", "content": system_prompt}])

@@ -433,6 +433,30 @@ def test_llm_prepares_a_conversations_next_turn_after_each_reply(
     assert len(spy.batches[0]) == llm.count_tokens("Thanks.<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_llm_reuses_an_ended_calls_sequence_not_a_live_calls(
+    llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four calls fill the four sequences; one ends. A new call takes the ended one's, and the
+    live call with the shortest conversation (the cheapest to lose, by the count) keeps its
+    own: its next turn evaluates only its new words."""
+    assert len(llm._slots) == 4
+    for slot in llm._slots:  # what earlier tests left is nobody's
+        slot.spare = True
+    system = "You are Di, on a test line. Answer briefly."
+    short = Conversation(llm, system_prompt=system, max_tokens=3)
+    assert "".join(short.reply("Hi.")).strip()
+    others = [Conversation(llm, system_prompt=system, max_tokens=24) for _ in range(3)]
+    for i, conv in enumerate(others):
+        assert "".join(conv.reply(f"Tell me a long story about the number {i + 2}.")).strip()
+    assert not any(slot.spare for slot in llm._slots)  # one sequence each
+    others[0].close()  # that call hung up
+    newcomer = Conversation(llm, system_prompt=system, max_tokens=3)
+    assert "".join(newcomer.reply("Good morning.")).strip()
+    spy = DecodeSpy(llm, monkeypatch)
+    assert "".join(short.reply("Thanks.")).strip()
+    assert len(spy.batches[0]) == llm.count_tokens("Thanks.<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_llm_stop_strings_end_the_reply_unsaid(llm: LlamaLlm) -> None:
     assert _held_back("The capital is Par", ("Paris",)) == 3
     assert _held_back("The capital is", ("Paris", "is.")) == 2

@@ -47,6 +47,7 @@ DEFAULT_SYSTEM_PROMPT: Final = (
 
 
 BATCH_TOKENS: Final = 512  # tokens one llama_decode takes: new prompts and one per reply
+USER_MARKER: Final = "\x1f"  # where the next user message's words will start (see prepare)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)
     owner: _Generation | None = None
     used: float = 0.0  # when it last served a reply (the least recently used one is taken)
+    spare: bool = False  # its conversation is over (see LlamaLlm.forget): taken first
 
 
 @dataclass(eq=False)
@@ -165,10 +167,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _rank(slot: _Slot, prompt: list[int]) -> tuple[int, int, float]:
-    """How good a free slot is for ``prompt``: least of another conversation lost, then the
-    longest prefix kept, then the least recently used."""
+    """How good a free slot is for ``prompt``: least of another conversation lost (nothing,
+    for a spare one), then the longest prefix kept, then the least recently used."""
     common = _common_prefix(slot.tokens, prompt)
-    return common - len(slot.tokens), common, -slot.used
+    return 0 if slot.spare else common - len(slot.tokens), common, -slot.used
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -361,12 +363,29 @@ class LlamaLlm:
         will not wait for. Blocking; skipped while a reply waits for a sequence."""
         if self._queue:
             return
-        marker = "\x1f"  # where the next user message's words will start
-        tokens = self._prompt([*messages, {"role": "user", "content": marker}], until=marker)
+        opening = {"role": "user", "content": USER_MARKER}
+        tokens = self._prompt([*messages, opening], until=USER_MARKER)
         g = _Generation(tokens, 0, (), None, Usage(), time.perf_counter())
         with self._submitted(g):
             while self._next(g) is not None:
                 pass
+
+    def forget(self, messages: list[dict[str, str]]) -> None:
+        """The conversation ``messages`` is over (its call ended): the sequence holding it is
+        the first a new reply takes. Ranked like a live one, a longer finished conversation
+        was kept and a live call's, idle between two turns, was overwritten: that call's next
+        turn evaluated its whole history again (45-65 tokens, one 300-550 ms step on one
+        thread, which every other reply waited for; 7 of 32 turns at four calls)."""
+        if len(messages) < 2:
+            return  # nothing of its own was evaluated
+        opening = {"role": "user", "content": USER_MARKER}
+        tokens = self._prompt([*messages, opening], until=USER_MARKER)
+        system = self._prompt([messages[0], opening], until=USER_MARKER)
+        with self._cond:
+            free = [s for s in self._slots if s.owner is None]
+            best = max(free, key=lambda s: _common_prefix(s.tokens, tokens), default=None)
+            if best is not None and _common_prefix(best.tokens, tokens) > len(system):
+                best.spare = True
 
     # --- the batch ------------------------------------------------------------------------------
 
@@ -470,6 +489,7 @@ class LlamaLlm:
             self._low.llama_memory_seq_rm(mem, slot.seq, keep, -1)
             del slot.tokens[keep:]
             g.slot, slot.owner, g.todo = slot, g, g.prompt[keep:]
+            slot.spare = False
             if not g.todo:  # nothing to evaluate (see prepare)
                 self._leave(g)
                 continue
@@ -623,6 +643,12 @@ class Conversation:
                 if len(self.history) > 40:
                     del self.history[:2]
                 self.llm.prepare(self.messages("")[:-1])
+
+    def close(self) -> None:
+        """The call is over: its sequence in the LLM may be taken first (see ``forget``)."""
+        if self.history:
+            with contextlib.suppress(EngineFailed):  # a hint: never what ends a call
+                self.llm.forget(self.messages("")[:-1])
 
 
 __all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
