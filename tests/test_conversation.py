@@ -290,6 +290,8 @@ def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark
     assert turn["transcript"] == f"I spoke for {engines.stt.calls[0]:.1f} seconds"
     assert turn["reply"] == "Sure, here is the answer you wanted."
     assert engines.tts.texts == ["Sure,", "here is the answer you wanted."]
+    # The call over, its conversation's sequence in the LLM is the first a new call takes.
+    assert engines.llm.forgotten == [engines.llm.prepared[-1]] and len(engines.llm.prepared) == 1
     marks = turn["marks_ms"]
     assert set(marks) == set(MARKS)  # every mark, in pipeline order:
     assert marks["speech_end"] == 0.0 and marks["endpoint"] >= 400
