@@ -374,7 +374,7 @@ class LlamaLlm:
         """The conversation ``messages`` is over (its call ended): the sequence holding it is
         the first a new reply takes. Ranked like a live one, a longer finished conversation
         was kept and a live call's, idle between two turns, was overwritten: that call's next
-        turn evaluated its whole history again (45-65 tokens, one 300-550 ms step on one
+        turn evaluated its whole history again (34-65 tokens, one 300-550 ms step on one
         thread, which every other reply waited for; 7 of 32 turns at four calls)."""
         if len(messages) < 2:
             return  # nothing of its own was evaluated
