@@ -457,7 +457,7 @@ def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     sim = run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.8)
     [result] = sim.report.turns
     assert result.response_latency_ms is not None
-    assert 600 <= result.response_latency_ms <= 700
+    assert 600 <= result.response_latency_ms <= 900  # (the floor, then a few frames of lead)
     [answered] = [e for e in call_events(calls_dir / "2") if e["event"] == "turn"]
     assert answered["marks_ms"]["endpoint"] < 400
 
