@@ -47,7 +47,7 @@ DEFAULT_SYSTEM_PROMPT: Final = (
 
 
 BATCH_TOKENS: Final = 512  # tokens one llama_decode takes: new prompts and one per reply
-USER_MARKER: Final = "\x1f"  # where the next user message's words will start (see prepare)
+USER_MARKER: Final = "\x1f"  # where the next user message's words start (see _up_to_next_user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,8 +363,7 @@ class LlamaLlm:
         will not wait for. Blocking; skipped while a reply waits for a sequence."""
         if self._queue:
             return
-        opening = {"role": "user", "content": USER_MARKER}
-        tokens = self._prompt([*messages, opening], until=USER_MARKER)
+        tokens = self._up_to_next_user(messages)
         g = _Generation(tokens, 0, (), None, Usage(), time.perf_counter())
         with self._submitted(g):
             while self._next(g) is not None:
@@ -378,9 +377,8 @@ class LlamaLlm:
         thread, which every other reply waited for; 7 of 32 turns at four calls)."""
         if len(messages) < 2:
             return  # nothing of its own was evaluated
-        opening = {"role": "user", "content": USER_MARKER}
-        tokens = self._prompt([*messages, opening], until=USER_MARKER)
-        system = self._prompt([messages[0], opening], until=USER_MARKER)
+        tokens = self._up_to_next_user(messages)
+        system = self._up_to_next_user(messages[:1])
         with self._cond:
             free = [s for s in self._slots if s.owner is None]
             best = max(free, key=lambda s: _common_prefix(s.tokens, tokens), default=None)
@@ -403,6 +401,12 @@ class LlamaLlm:
             )
         except Exception as exc:
             raise EngineFailed(f"LLM failed: cannot format the prompt ({exc})") from exc
+
+    def _up_to_next_user(self, messages: list[dict[str, str]]) -> list[int]:
+        """The tokens of ``messages`` and of the template's opening of the next user message,
+        up to where its words will start."""
+        opening = {"role": "user", "content": USER_MARKER}
+        return self._prompt([*messages, opening], until=USER_MARKER)
 
     @contextlib.contextmanager
     def _submitted(self, g: _Generation) -> Iterator[None]:
