@@ -3,7 +3,7 @@
 Theory of operation (playout)
 -----------------------------
 Asterisk neither paces nor buffers what the server writes: every frame is forwarded to the caller
-the moment it arrives, and nothing written can be recalled (shared/AUDIOSOCKET-FACTS.md). So the
+the moment it arrives, and nothing written can be recalled (docs/audiosocket.md). So the
 bot writes one 20 ms frame per tick against an absolute monotonic schedule, from the first moment
 of the call to the last, silence whenever it has nothing to say. Frame ``k`` is due at
 ``t0 + k * 20 ms`` and is written ``lead`` frames early, which absorbs event-loop hiccups without
@@ -92,6 +92,43 @@ def trailing_silence(
     while pos - step >= 0 and rms_dbfs(pcm[pos - step : pos]) < threshold_dbfs:
         pos -= step
     return max(0, len(pcm) - pos - 2 * round(rate * keep_ms / 1000))
+
+
+# --- G.711 u-law ---------------------------------------------------------------------------------
+# What a Dial(AudioSocket/host:port/uuid) without c(slin) sends: the caller's u-law bytes, one per
+# sample, under the slin kind (0x10). ITU-T G.711 as Sun's reference g711.c (and audioop)
+# computes it.
+
+_ULAW_BIAS: Final = 0x84
+_ULAW_BIAS14: Final = 0x21  # the same bias and clip on 14-bit samples (the encoder's scale)
+_ULAW_CLIP14: Final = 8159
+_ULAW_SEGMENT_ENDS: Final = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+
+
+def _ulaw_decode_table() -> npt.NDArray[np.int16]:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (u >> 4) & 0x07
+    magnitude = (((u & 0x0F) << 3) + _ULAW_BIAS << exponent) - _ULAW_BIAS
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+_ULAW_TO_LINEAR: Final = _ulaw_decode_table()
+
+
+def ulaw_to_pcm(data: bytes) -> bytes:
+    """G.711 u-law bytes to 16-bit little-endian PCM (two bytes out per byte in)."""
+    return _ULAW_TO_LINEAR[np.frombuffer(data, dtype=np.uint8)].astype("<i2").tobytes()
+
+
+def pcm_to_ulaw(pcm: bytes) -> bytes:
+    """16-bit little-endian PCM to G.711 u-law (one byte out per sample), as Sun's reference
+    g711.c computes it on 14-bit samples."""
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.int32) >> 2
+    mask = np.where(x < 0, 0x7F, 0xFF)
+    magnitude = np.minimum(np.abs(x), _ULAW_CLIP14) + _ULAW_BIAS14
+    segment = np.searchsorted(_ULAW_SEGMENT_ENDS, magnitude)
+    code = np.where(segment < 8, (segment << 4) | ((magnitude >> (segment + 1)) & 0x0F), 0x7F)
+    return (code ^ mask).astype(np.uint8).tobytes()
 
 
 # --- resampling ---------------------------------------------------------------------------------

@@ -22,16 +22,23 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import audiosocket as proto
-from .audio import Playout, PlayoutBuffer, silence
+from .audio import FRAME_SECONDS, Playout, PlayoutBuffer, silence
 from .calllog import CallLog
 from .config import EchoProfile, Profile, Settings
 from .directory import Directory, Route
-from .server import CALLER_HUNG_UP, Session, SessionEnded
+from .server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
 
 DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
 # Asterisk's first audio frame follows the UUID by ~20 ms and tells the call's rate. The playout
 # waits this long for it, then starts at DEFAULT_RATE rather than leave the line without RTP.
 RATE_WAIT: Final = 0.1
+# Asterisk's Hangup and DTMFEnd events (AMI, ARI) trail the AudioSocket stream by ~2 ms: a
+# call's log waits up to this long for them before it closes, so they are never lost.
+ASTERISK_LAST_WORD: Final = 0.5
+# A phone with VAD/DTX sends no RTP while its user is quiet, and Asterisk then sends no frames:
+# after this long without one, the caller's silence is filled in, a 20 ms frame at a time, so
+# turn-taking still hears the caller stop (Asterisk's frames arrive every 20 ms, < 1 ms jitter).
+QUIET_FILL: Final = 0.1
 INBOUND_FRAMES: Final = 250  # 5 s of caller audio may wait for the profile; older frames drop first
 
 
@@ -85,8 +92,15 @@ class Call:
         self._inbound_ready = asyncio.Event()
         self._rate_known = asyncio.Event()
         self.inbound_dropped = 0
+        self.inbound_filled = 0  # silent frames standing in for a quiet phone's (QUIET_FILL)
+        self._last_in: float | None = None
+        self._filling = False
         self.dtmf: list[str] = []
         self.end_reason: str | None = None
+        self.moved = False  # released to the dialplan (a transfer): no hang-up to wait for
+        self._asterisk_hangup = False
+        self._asterisk_dtmf = 0
+        self._asterisk_news = asyncio.Event()
         # What the call was doing, kept by its behaviour (listening, transcribing, thinking,
         # synthesizing, speaking, ...): call_end records where a call ended.
         self.state = "connected"
@@ -97,16 +111,38 @@ class Call:
     def rate(self) -> int:
         return self.session.rate or self.buffer.rate
 
+    async def audio_rate(self) -> int:
+        """The call's sample rate: the first frame's, or DEFAULT_RATE if none came within
+        RATE_WAIT (a phone that sends nothing in silence must still hear the bot at once)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RATE_WAIT):
+                await self._rate_known.wait()
+        return self.rate
+
     async def next_audio(self) -> proto.Audio:
         """The next 20 ms of caller audio, in order."""
         return (await self.next_audio_timed())[1]
 
     async def next_audio_timed(self) -> tuple[float, proto.Audio]:
-        """The next 20 ms of caller audio with its arrival time (``time.monotonic()``)."""
+        """The next 20 ms of caller audio with its arrival time (``time.monotonic()``). Once
+        the caller's frames have started, a gap longer than QUIET_FILL is filled with silence,
+        stamped 20 ms apart, until frames come again."""
         while not self._inbound:
             self._inbound_ready.clear()
-            await self._inbound_ready.wait()
-        return self._inbound.popleft()
+            if self._last_in is None:
+                await self._inbound_ready.wait()
+                continue
+            due = self._last_in + (FRAME_SECONDS if self._filling else QUIET_FILL)
+            try:
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                    await self._inbound_ready.wait()
+            except TimeoutError:
+                self._last_in, self._filling = due, True
+                self.inbound_filled += 1
+                return due, proto.Audio(self.rate, silence(self.rate))
+        t, audio = self._inbound.popleft()
+        self._last_in, self._filling = t, False
+        return t, audio
 
     async def play(self, pcm: bytes) -> None:
         """Queue audio at the call's rate; waits while the playout buffer is full."""
@@ -119,11 +155,32 @@ class Call:
     def release(self, reason: str) -> None:
         """End the call's AudioSocket without a hangup frame: Asterisk moved the caller
         elsewhere (a transfer), and a 0x00 could race the move (raises)."""
+        self.moved = True
         raise CallEnded(reason, by_bot=False)
 
     def asterisk_event(self, name: str, fields: dict[str, Any]) -> None:
         """An event about this call from ARI or AMI (see bot/directory.py): into the log."""
         self.calllog.event(name, **fields)
+        if name == "asterisk_hangup":
+            self._asterisk_hangup = True
+        elif name == "asterisk_dtmf":
+            self._asterisk_dtmf += 1
+        self._asterisk_news.set()
+
+    async def _await_asterisk(self, moved: bool) -> None:
+        """Waits (at most ASTERISK_LAST_WORD) until a link that watches this call's channel has
+        reported each DTMF digit and, unless the caller was moved elsewhere, the hang-up."""
+        if self.route is None or self.route.control is None:
+            return
+
+        def heard() -> bool:
+            return self._asterisk_dtmf >= len(self.dtmf) and (moved or self._asterisk_hangup)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ASTERISK_LAST_WORD):
+                while not heard():
+                    self._asterisk_news.clear()
+                    await self._asterisk_news.wait()
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -166,7 +223,10 @@ class Call:
                     await asyncio.shield(s.hangup(self.end_reason))
                 else:
                     await asyncio.shield(s.let_go())
-            self._close_log(error)
+            try:
+                await self._await_asterisk(moved=self.moved)
+            finally:
+                self._close_log(error)
         return self.end_reason
 
     def _close_log(self, error: str | None) -> None:
@@ -178,6 +238,7 @@ class Call:
             frames_out=s.frames_out,
             dtmf=len(self.dtmf),
             inbound_dropped=self.inbound_dropped,
+            inbound_filled=self.inbound_filled,
             playout_reanchors=stats.reanchors,
             playout_max_late_ms=round(stats.max_late * 1000, 1),
             rate=self.rate,
@@ -196,7 +257,7 @@ class Call:
             if isinstance(event, proto.Audio):
                 if not self._rate_known.is_set():
                     self._rate_known.set()
-                    self.calllog.event("audio_format", rate=event.rate, frame_bytes=len(event.pcm))
+                    self._log_format(event)
                 if len(self._inbound) == self._inbound.maxlen:
                     self.inbound_dropped += 1
                 self._inbound.append((time.monotonic(), event))
@@ -211,11 +272,21 @@ class Call:
             self.calllog.event("error", kind="protocol", message=s.error)
         raise CallEnded(s.end_reason or CALLER_HUNG_UP)
 
+    def _log_format(self, first: proto.Audio) -> None:
+        ulaw = bool(self.session.ulaw)
+        self.calllog.event(
+            "audio_format",
+            rate=first.rate,
+            frame_bytes=len(first.pcm) // 2 if ulaw else len(first.pcm),
+            encoding="ulaw" if ulaw else "slin",
+        )
+        if ulaw:
+            self.calllog.event("warning", message=ULAW_FIX)
+
     async def _play(self) -> None:
         # A frame at the wrong rate is noise to Asterisk: learn the rate before the first one.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RATE_WAIT):
-                await self._rate_known.wait()
+        # (A rate learnt later converts what is buffered: PlayoutBuffer.set_rate.)
+        await self.audio_rate()
         try:
             await self.playout.run()
         except SessionEnded as exc:

@@ -246,7 +246,11 @@ def cmd_calls(args: argparse.Namespace) -> int:
 def cmd_check_asterisk(args: argparse.Namespace) -> int:
     from .astconf import lint
 
-    settings = _load_settings(args)
+    compose = _compose_environment(args.compose) if args.compose else {}
+    try:
+        settings = config.load(args.config, {**compose, **os.environ})
+    except config.ConfigError as exc:
+        _die(f"configuration error: {exc}")
     ports = [port for _profile, port in _listeners(settings)]
     try:
         problems = lint(
@@ -260,6 +264,25 @@ def cmd_check_asterisk(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.dir}: fine (bot at {args.bot_host}, ports {', '.join(map(str, ports))})")
     return 0
+
+
+def _compose_environment(path: str) -> dict[str, str]:
+    """The voicebot service's VOICEBOT_* settings in a compose file (secrets as placeholders):
+    the profiles and ports the shipped stack runs with."""
+    import yaml
+
+    try:
+        compose = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        env = compose["services"]["voicebot"].get("environment") or {}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+        _die(f"{path}: no voicebot service environment to read ({exc})")
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env if "=" in item)
+    return {
+        str(k): "set-by-compose" if "${" in str(v) else str(v)
+        for k, v in env.items()
+        if str(k).startswith(config.ENV_PREFIX)
+    }
 
 
 def _listeners(settings: config.Settings) -> list[tuple[str, int]]:
@@ -293,6 +316,11 @@ def cmd_originate(args: argparse.Namespace) -> int:
     except AmiError as exc:
         _die(str(exc), 1)
     print(f"{args.endpoint}: {message}")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    print(config.reference())
     return 0
 
 
@@ -528,6 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--json", action="store_true")
     mdl.set_defaults(func=cmd_models)
 
+    settings_ref = sub.add_parser(
+        "settings", parents=[common], help="every setting with its default and meaning (Markdown)"
+    )
+    settings_ref.set_defaults(func=cmd_settings)
+
     orig = sub.add_parser(
         "originate",
         parents=[common],
@@ -553,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bot-host", default="voicebot", help="the bot's address as Asterisk dials it"
     )
     check.add_argument("--config", help="TOML settings file")
+    shipped = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+    check.add_argument(
+        "--compose",
+        default=str(shipped) if shipped.is_file() else "",
+        help="compose file whose voicebot environment the bot runs with (default: the shipped "
+        "docker-compose.yml; '' for none)",
+    )
     check.set_defaults(func=cmd_check_asterisk)
 
     doctor = sub.add_parser(

@@ -22,7 +22,7 @@ from .engines.llm import DEFAULT_SYSTEM_PROMPT
 ENV_PREFIX: Final = "VOICEBOT_"
 # VOICEBOT_* variables that are not settings: the config file itself, and set-up/test paths.
 NOT_SETTINGS: Final = frozenset(
-    {"VOICEBOT_CONFIG", "VOICEBOT_VENV", "VOICEBOT_MODELS_DIR", "VOICEBOT_SHARED"}
+    {"VOICEBOT_CONFIG", "VOICEBOT_VENV", "VOICEBOT_MODELS_DIR", "VOICEBOT_ASTERISK_SRC"}
 )
 DEFAULT_PORT: Final = 9092
 
@@ -61,7 +61,10 @@ class ServerSettings:
     profile: str = _setting("assistant", _nonempty, "profile a call gets (echo: diagnostics)")
     uuid_timeout: float = _setting(5.0, _range(0.1, 60), "seconds a new connection may stay silent")
     idle_timeout: float = _setting(
-        10.0, _range(0.5, 3600), "seconds without a frame from Asterisk before the call ends"
+        10.0,
+        _range(0.5, 3600),
+        "seconds with no frame either way before the call ends (the bot's own frames count: a "
+        "phone with VAD/DTX sends nothing in silence)",
     )
     write_timeout: float = _setting(
         2.0, _range(0.1, 60), "seconds a write may wait on a peer that does not read"
@@ -417,3 +420,44 @@ def _check_links(settings: Settings) -> None:
         raise ConfigError("ari.password: ARI is enabled but VOICEBOT_ARI_PASSWORD is not set")
     if settings.ami.enabled and not settings.ami.secret:
         raise ConfigError("ami.secret: AMI is enabled but VOICEBOT_AMI_SECRET is not set")
+
+
+# --- reference -----------------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f'"{text}"'
+    return repr(value)
+
+
+def _rows(cls: type[Any], section: str, env_section: str) -> list[str]:
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name == "kind":
+            continue
+        var = f"{ENV_PREFIX}{env_section}_{f.name.upper()}"
+        default = (
+            "(environment only)" if f"{section}.{f.name}" in SECRETS else f"`{_shown(f.default)}`"
+        )
+        doc = str(f.metadata.get("doc", "")).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {default} | {doc} | `{var}` |")
+    return rows
+
+
+def reference() -> str:
+    """Every setting with its default and meaning, as Markdown (docs/configuration.md)."""
+    head = ["| key | default | meaning | environment |", "|---|---|---|---|"]
+    out: list[str] = []
+    for section, cls in SECTIONS.items():
+        out += [f"### [{section}]", ""]
+        if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+            out += [cls.__doc__.strip(), ""]
+        out += head + _rows(cls, section, section.upper()) + [""]
+    for kind, cls in PROFILE_KINDS.items():
+        out += [f'### [profiles.NAME] with kind = "{kind}"', "", (cls.__doc__ or "").strip(), ""]
+        out += head + _rows(cls, f"profiles.{kind}", f"PROFILES_{kind.upper()}") + [""]
+    return "\n".join(out)

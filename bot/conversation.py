@@ -437,6 +437,9 @@ class Assistant:
         self._floor = asyncio.Event()
         self._floor.set()
         self._transfer_asked: str | None = None  # why the caller wants a person
+        # A spoken request is handed over no sooner than min_response_ms after the caller's
+        # last word, and not while they are talking ("a person, ... please").
+        self._transfer_after = 0.0
         call.playout.on_voice_start = self._on_voice_start
         call.on_dtmf = self._on_dtmf
 
@@ -455,20 +458,24 @@ class Assistant:
 
     async def run(self) -> None:
         call = self.call
-        first_t, first = await call.next_audio_timed()
-        greeting = self.assets.prompt(f"greeting:{call.profile_name}", first.rate)
+        greeting = self.assets.prompt(f"greeting:{call.profile_name}", await call.audio_rate())
         if greeting:
             call.state = "greeting"
             await call.play(greeting)
             call.calllog.event("greeting", text=self.profile.greeting)
         call.state = "listening"
+        first_t, first = await call.next_audio_timed()
         detector = TurnDetector(self.assets.vad(), first.rate, self.turn_settings)
         frame: tuple[float, Any] | None = (first_t, first)
         try:
             while True:
                 t, audio = frame if frame is not None else await call.next_audio_timed()
                 frame = None
-                if self._transfer_asked is not None:
+                if (
+                    self._transfer_asked is not None
+                    and t >= self._transfer_after
+                    and not detector.hearing(t)
+                ):
                     await self._transfer(self._transfer_asked)
                 reply = self._reply
                 # An engine failed mid-reply: apologize, then end the call with the error.
@@ -550,6 +557,7 @@ class Assistant:
             not self.assets.settings.turns.reply_ahead
             or not re.search(r"\w", text)
             or (self.profile.transfer_extension and WANTS_PERSON.search(text))
+            or self._transfer_asked is not None
             or (self._reply is not None and not self._reply.done())
             or self.assets.replies_working > 0
         ):
@@ -612,9 +620,13 @@ class Assistant:
             self.call.state = "listening"
             return
         await self._cancel_reply()
-        if self.profile.transfer_extension and WANTS_PERSON.search(text):
+        wants_person = self.profile.transfer_extension and WANTS_PERSON.search(text)
+        if wants_person or self._transfer_asked is not None:
+            # Asked for a person (in this turn or the one before): no answer, the hand-over.
             self.call.calllog.event("turn", index=turn.index, transcript=text, reply="")
-            self._transfer_asked = "asked for a person"
+            self._transfer_asked = self._transfer_asked or "asked for a person"
+            min_response = self.assets.settings.turns.min_response_ms / 1000
+            self._transfer_after = end.speech_end + min_response
             return
         self._turn = turn
         turn.release.set()

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 from . import audiosocket as proto
+from .audio import ulaw_to_pcm
 from .calllog import CallLogger
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,25 @@ CALLER_HUNG_UP: Final = "caller hung up"
 # After our 0x00, how long we keep reading (and dropping) what Asterisk still sends before we
 # close anyway: Asterisk closes within milliseconds of a hangup frame.
 LINGER: Final = 1.0
+# Asterisk's slin 8 kHz frame is 320 bytes; 160 under the same kind is G.711 u-law from a
+# Dial(AudioSocket/host:port/uuid) without c(slin): one byte a sample (docs/audiosocket.md).
+ULAW_FRAME: Final = 160
+# What the bot sends is labelled slin and Asterisk takes it as slin whatever the channel's codec
+# (res_audiosocket maps the kind to the format), so only the caller's side needs decoding.
+ULAW_FIX: Final = (
+    "Asterisk sends 160-byte frames labelled slin 8 kHz: G.711 u-law from a "
+    "Dial(AudioSocket/...) without a codec option; the bot decodes them as u-law, but add "
+    "c(slin) or c(slin16) to the Dial() (asterisk/extensions.conf)"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     uuid: float = 5.0  # a new connection must send its UUID within this
-    idle: float = 10.0  # Asterisk sends a frame every 20 ms; this much silence on the wire is dead
+    # Neither side sent a frame for this long: the line is dead. A phone that sends nothing in
+    # silence (VAD/DTX) leaves Asterisk's side quiet, so our own frames count too, as they do
+    # for Asterisk's AudioSocket app (which gives up after 2 s of neither side sending).
+    idle: float = 10.0
     write: float = 2.0  # a peer that stops reading must not hold our writer forever
 
 
@@ -81,6 +96,10 @@ class Session:
         self.frames_in = 0
         self.frames_out = 0
         self.dtmf_in = 0
+        # True once the first audio frame showed G.711 u-law under the slin kind (see ULAW_FIX):
+        # the caller's frames are decoded on the way in.
+        self.ulaw: bool | None = None
+        self._last_out = time.monotonic()
         self._closed = False
 
     @property
@@ -111,7 +130,7 @@ class Session:
                 continue
             if isinstance(event, proto.Audio):
                 self.frames_in += 1
-                return event
+                return self._decoded(event)
             if isinstance(event, proto.Dtmf):
                 self.dtmf_in += 1
                 return event
@@ -125,25 +144,42 @@ class Session:
             # A Uuid cannot come here: the connection rejects a second one.
         return None
 
+    def _decoded(self, event: proto.Audio) -> proto.Audio:
+        if self.ulaw is None and event.rate == 8000:
+            self.ulaw = len(event.pcm) == ULAW_FRAME
+            if self.ulaw:
+                self.log.warning("%s", ULAW_FIX)
+        if self.ulaw:
+            return proto.Audio(event.rate, ulaw_to_pcm(event.pcm))
+        return event
+
     async def _fill(self) -> None:
-        try:
-            async with asyncio.timeout(self._timeouts.idle):
-                data = await self._reader.read(READ_SIZE)
-        except TimeoutError:
-            self._end(f"no frame from Asterisk for {self._timeouts.idle:g} s")
-            return
-        except (ConnectionError, OSError) as exc:
-            # A peer that closes with our audio still unread in its socket sends a reset
-            # instead of a FIN: the caller hung up all the same.
-            self.log.debug("read failed: %r", exc)
-            self._end(CALLER_HUNG_UP)
-            return
+        idle = self._timeouts.idle
+        last_in = time.monotonic()
+        while True:
+            left = max(last_in, self._last_out) + idle - time.monotonic()
+            if left <= 0:
+                self._end(f"no frame from Asterisk for {idle:g} s, none sent to it either")
+                return
+            try:
+                async with asyncio.timeout(left):
+                    data = await self._reader.read(READ_SIZE)
+                break
+            except TimeoutError:
+                continue  # our own frames kept the line alive meanwhile: wait on
+            except (ConnectionError, OSError) as exc:
+                # A peer that closes with our audio still unread in its socket sends a reset
+                # instead of a FIN: the caller hung up all the same.
+                self.log.debug("read failed: %r", exc)
+                self._end(CALLER_HUNG_UP)
+                return
         self._conn.receive_data(data)
 
     async def send_audio(self, pcm: bytes) -> None:
         rate = self.rate or 8000
         await self._write(self._conn.send(proto.Audio(rate, pcm)))
         self.frames_out += 1
+        self._last_out = time.monotonic()
 
     async def _write(self, data: bytes) -> None:
         if self._closed:

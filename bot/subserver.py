@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import IO
 
 
 def free_port() -> int:
@@ -20,15 +21,20 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server_process(
-    profile: str, env: dict[str, str] | None = None
+    profile: str,
+    env: dict[str, str] | None = None,
+    *,
+    port: int = 0,
+    stderr: IO[str] | None = None,
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """Starts the server with ``profile``, waits until it says ready, yields its port and
-    process; then stops it with SIGTERM as an operator would."""
-    port = free_port()
+    """Starts the server with ``profile`` on ``port`` (0: a free one), waits until it says
+    ready, yields its port and process; then stops it with SIGTERM as an operator would.
+    Its console (stderr) goes to ``stderr``, or nowhere."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bot", "serve", "--port", str(port), "--profile", profile],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr or subprocess.DEVNULL,
         text=True,
         env={**os.environ, **(env or {})},
     )

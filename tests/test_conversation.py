@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bot import audiosocket as proto
 from bot.app import handler
+from bot.audio import is_silent
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
 from bot.conversation import (
@@ -571,6 +573,66 @@ def test_greeting_plays_within_300ms_of_connecting(calls_dir: Path) -> None:
     assert any(e["event"] == "greeting" for e in call_events(calls_dir))
 
 
+def test_greeting_plays_at_once_to_a_phone_that_sends_nothing(calls_dir: Path) -> None:
+    """A phone with VAD/DTX sends no RTP in silence, so Asterisk sends no frame: the greeting
+    must not wait for one (AudioSocket() is 8 kHz whatever the phone does)."""
+    settings, engines, assets = setup(
+        calls_dir, VOICEBOT_PROFILES_ASSISTANT_GREETING="Hello there!"
+    )
+    assets.prepare()
+
+    async def main() -> float:
+        async with running_server(settings, handler(settings, assets)) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            sim = proto.Connection(proto.Role.CLIENT)
+            started = time.monotonic()
+            writer.write(sim.send(proto.Uuid(uuid_mod.uuid4())))  # and never a frame of audio
+            try:
+                while True:
+                    sim.receive_data(await asyncio.wait_for(reader.read(65536), 2))
+                    for event in sim.events():
+                        if isinstance(event, proto.Audio) and not is_silent(event.pcm):
+                            return time.monotonic() - started
+            finally:
+                writer.close()
+
+    assert asyncio.run(main()) < 0.3
+    events = call_events(calls_dir)
+    assert [e["event"] for e in events][1] == "greeting"  # before any audio_format
+
+
+def test_a_phone_that_stops_sending_after_its_words_is_still_answered(calls_dir: Path) -> None:
+    """With VAD/DTX the phone (and so Asterisk) sends nothing once the caller stops talking:
+    the quiet is filled in, so the turn still ends and gets its answer."""
+    settings, engines, assets = setup(calls_dir)
+    assets.prepare()
+
+    async def main() -> bool:
+        async with running_server(settings, handler(settings, assets)) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            sim = proto.Connection(proto.Role.CLIENT)
+            writer.write(sim.send(proto.Uuid(uuid_mod.uuid4())))
+            words = speech(0.8)
+            for i in range(0, len(words), 320):  # 20 ms frames in real time, then nothing
+                writer.write(sim.send(proto.Audio(8000, words[i : i + 320])))
+                await asyncio.sleep(0.02)
+            try:
+                async with asyncio.timeout(5):
+                    while True:
+                        sim.receive_data(await reader.read(65536))
+                        for event in sim.events():
+                            if isinstance(event, proto.Audio) and not is_silent(event.pcm):
+                                return True
+            finally:
+                writer.close()
+
+    assert asyncio.run(main())
+    events = call_events(calls_dir)
+    [turn] = [e for e in events if e["event"] == "turn"]
+    assert turn["reply"] == "Sure, here is the answer you wanted."
+    assert events[-1]["inbound_filled"] > 0
+
+
 @pytest.mark.parametrize(
     ("stage", "state"),
     [
@@ -724,6 +786,25 @@ def test_asking_for_a_person_transfers_instead_of_answering(calls_dir: Path) -> 
     assert engines.llm.prompts == []  # no reply was generated
     events = call_events(calls_dir)
     assert [e["why"] for e in events if e["event"] == "transfer"] == ["asked for a person"]
+
+
+def test_the_handover_waits_for_a_caller_who_goes_on_after_asking(calls_dir: Path) -> None:
+    """ "Can I talk to a person? ... please": the first words end a turn (a question), but the
+    hand-over is heard only once the caller is done, min_response_ms after the last word."""
+    settings, engines, assets = setup(calls_dir)
+    assets.prompts[("transfer:assistant", 8000)] = speech(0.4)
+    engines.stt.text = "Can I talk to a person?"
+    control = FakeControl()
+    turn = speech(0.6) + pause(0.45) + speech(0.4)
+    sim = transfer_call(settings, assets, control, [turn], greeting_wait=0, duration=4.0)
+    assert control.requests == [("from-voicebot", "operator")]
+    assert engines.llm.prompts == []
+    [said] = sim.report.turns
+    assert said.talk_over_frames == 0  # the hand-over came after "please", not into it
+    assert sim.voiced_rx_times[0] - said.speech_end >= 0.55
+    events = call_events(calls_dir)
+    assert len([e for e in events if e["event"] == "turn"]) == 2
+    assert len([e for e in events if e["event"] == "transfer"]) == 1
 
 
 def test_a_transfer_nobody_can_make_is_logged_and_the_call_goes_on(calls_dir: Path) -> None:

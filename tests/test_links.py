@@ -259,7 +259,7 @@ def test_ami_events_route_the_call_and_join_its_log(calls_dir: Path) -> None:
                     Event="Hangup", Channel=channel, Cause="16", Cause_txt="Normal Clearing"
                 )
                 await wait_until(lambda: bot.calls_in_progress == 0)
-                # Asterisk's last word arrived after the call ended: nothing is kept for it.
+                # The call's log waited for Asterisk's last word; nothing is kept after it.
                 await wait_until(lambda: len(bot.directory) == 0 and not bot.links[0].channels)
             finally:
                 await bot.close(grace=2)
@@ -269,6 +269,8 @@ def test_ami_events_route_the_call_and_join_its_log(calls_dir: Path) -> None:
     assert events[0]["profile"] == "second"  # from VOICEBOT_PROFILE, on the default port
     names = [e["event"] for e in events]
     assert "asterisk_channel" in names and "asterisk_dtmf" in names
+    # Asterisk's Hangup came after the socket closed, yet before the one call_end.
+    assert names[-2:] == ["asterisk_hangup", "call_end"] and names.count("call_end") == 1
     [dtmf] = [e for e in events if e["event"] == "asterisk_dtmf"]
     assert dtmf["digit"] == "5"
     assert fake.actions[0]["Action"] == "Login"

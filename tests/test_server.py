@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bot import audiosocket as p
-from bot.audio import silence
+from bot.audio import pcm_to_ulaw, rms_dbfs, silence
 from bot.call import Call, CallEnded, echo
 from bot.calllog import list_calls, read_call
 from bot.server import Session, SessionEnded, Timeouts
@@ -183,22 +185,85 @@ def test_connections_that_never_become_calls_are_closed(
     assert list(list_calls(calls_dir)) == []  # no UUID, no call
 
 
-def test_silent_wire_ends_the_call(calls_dir: Path) -> None:
+@pytest.mark.parametrize("bot_sends", [False, True])
+def test_a_line_ends_only_when_neither_side_sends(calls_dir: Path, bot_sends: bool) -> None:
+    """A phone with VAD/DTX leaves Asterisk quiet while the bot talks or waits: the bot's own
+    frames keep such a call alive, as they keep Asterisk's AudioSocket app from timing out."""
     settings = make_settings(calls_dir)
-    call_id = uuid.uuid4()
+    ended: list[str | None] = []
+
+    async def handle(session: Session) -> None:
+        async def keepalive() -> None:
+            while bot_sends:
+                await session.send_audio(silence(8000))
+                await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(keepalive())
+        while await session.receive() is not None:
+            pass
+        task.cancel()
+        ended.append(session.end_reason)
 
     async def main() -> None:
-        async with running_server(settings, timeouts=Timeouts(idle=0.4)) as server:
+        async with running_server(settings, handle, timeouts=Timeouts(idle=0.4)) as server:
             reader, writer = await asyncio.open_connection(*server.address)
             sim = p.Connection(p.Role.CLIENT)
-            writer.write(sim.send(p.Uuid(call_id)) + sim.send(p.Audio(8000, bytes(320))))
-            while await asyncio.wait_for(reader.read(65536), 5):
-                pass  # the server keeps sending silence, then closes
+            writer.write(sim.send(p.Uuid(uuid.uuid4())) + sim.send(p.Audio(8000, bytes(320))))
+            # The caller's side sends nothing more; it reads what comes until the bot closes or
+            # 1.2 s (three idle timeouts) have passed.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.2):
+                    while await reader.read(65536):
+                        pass
             writer.close()
+            await wait_until(lambda: bool(ended))
 
     asyncio.run(main())
-    end = by_name(only_call(calls_dir), "call_end")[0]
-    assert end["reason"] == "no frame from Asterisk for 0.4 s"
+    if bot_sends:
+        assert ended == ["caller hung up"]
+    else:
+        assert ended == ["no frame from Asterisk for 0.4 s, none sent to it either"]
+
+
+def test_u_law_labelled_slin_is_decoded(calls_dir: Path) -> None:
+    """Dial(AudioSocket/...) without c(slin) sends 160-byte G.711 frames under kind 0x10; what
+    the bot sends back stays slin (Asterisk reads kind 0x10 as slin whatever the codec)."""
+    settings = make_settings(calls_dir, VOICEBOT_PROFILES_ECHO_DELAY_MS="0")
+    caller = tone(440, 0.6)
+
+    async def main() -> bytes:
+        async with running_server(settings) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            sim = p.Connection(p.Role.CLIENT)
+            writer.write(sim.send(p.Uuid(uuid.uuid4())))
+            ulaw = pcm_to_ulaw(caller)
+            heard = bytearray()
+            for i in range(0, len(ulaw), 160):
+                writer.write(sim.send(p.Audio(8000, ulaw[i : i + 160])))
+                await asyncio.sleep(0.02)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.6):
+                    while data := await reader.read(65536):
+                        sim.receive_data(data)
+                        for event in sim.events():
+                            assert isinstance(event, p.Audio) and len(event.pcm) == 320
+                            heard += event.pcm
+            writer.close()
+            return bytes(heard)
+
+    heard = asyncio.run(main())
+    # The echo came back as the caller's tone, decoded: loud, and at 440 Hz.
+    voiced = [
+        heard[i : i + 320] for i in range(0, len(heard), 320) if rms_dbfs(heard[i : i + 320]) > -20
+    ]
+    assert len(voiced) >= 10
+    spectrum = np.abs(np.fft.rfft(np.frombuffer(b"".join(voiced), "<i2")))
+    assert abs(np.argmax(spectrum) * 8000 / (len(spectrum) * 2 - 2) - 440) < 10
+    events = only_call(calls_dir)
+    [fmt] = by_name(events, "audio_format")
+    assert fmt == {**fmt, "rate": 8000, "frame_bytes": 160, "encoding": "ulaw"}
+    [warning] = by_name(events, "warning")
+    assert "add c(slin) or c(slin16) to the Dial()" in str(warning["message"])
 
 
 @pytest.mark.parametrize("ending", ["hangup", "release"])
