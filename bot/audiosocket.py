@@ -6,7 +6,7 @@ AudioSocket (Asterisk's ``res_audiosocket``) carries one call over one TCP conne
 of frames: ``kind`` (1 byte), payload length (uint16, big-endian), payload. Audio payloads are
 signed 16-bit little-endian mono PCM; the kind names the sample rate. A real Asterisk 22 always
 sends the UUID frame first, then 20 ms audio frames and DTMF frames, and ends the call by closing
-the TCP connection without a hangup frame (see shared/AUDIOSOCKET-FACTS.md).
+the TCP connection without a hangup frame (see docs/audiosocket.md).
 
 Like h11, this module does no I/O: feed it bytes with :meth:`Connection.receive_data` (``b""``
 means the peer closed the connection), pull events with :meth:`Connection.next_event` until it
@@ -423,7 +423,7 @@ class Connection:
             raise LocalProtocolError("cannot send after a hangup frame")
         if self.role is Role.SERVER:
             if not isinstance(event, Audio | Hangup):
-                # AUDIOSOCKET-FACTS: anything else makes Asterisk log "Received AudioSocket
+                # docs/audiosocket.md: anything else makes Asterisk log "Received AudioSocket
                 # message other than hangup or audio" and hang up the call.
                 raise LocalProtocolError(
                     f"Asterisk hangs up on a {type(event).__name__} frame from the server; "

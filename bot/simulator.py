@@ -1,6 +1,6 @@
 """A caller simulator that behaves like Asterisk on AudioSocket, and measures the bot from outside.
 
-It does what a real Asterisk 22 does (shared/AUDIOSOCKET-FACTS.md): connects, sends the UUID at
+It does what a real Asterisk 22 does (docs/audiosocket.md): connects, sends the UUID at
 once, then one 20 ms audio frame every 20 ms on an absolute schedule for the whole call (silence
 between the caller's turns), DTMF as separate 0x03 frames, and hangs up by closing the socket,
 never with a 0x00 frame. It never buffers or paces what the bot sends: each frame is timestamped

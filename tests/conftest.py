@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,7 @@ from bot.app import handler
 from bot.server import AudioSocketServer, Handler, Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
-# The project's shared folder sits beside the checkout (CI lays a copy there too).
-SHARED = Path(os.environ.get("VOICEBOT_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures" / "asterisk22"
+FIXTURES = ROOT / "tests" / "data" / "asterisk22"  # real Asterisk 22 captures (README there)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,18 @@ def test_assistant_profiles_and_turn_settings(tmp_path: Path) -> None:
         config.load(None, {"VOICEBOT_TURNS_VAD": "x"})
     with pytest.raises(ConfigError, match="profiles.assistant.barge_in: expected bool"):
         config.load(None, {"VOICEBOT_PROFILES_ASSISTANT_BARGE_IN": "maybe"})
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md carries `voicebot settings` verbatim, so it cannot drift."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    generated = doc.split("<!-- generated: voicebot settings -->\n", 1)[1]
+    generated = generated.split("\n<!-- end generated -->", 1)[0]
+    assert generated == config.reference()
+    classes = {**config.SECTIONS, **config.PROFILE_KINDS}
+    for section, cls in classes.items():
+        for f in dataclasses.fields(cls):
+            if f.name == "kind":
+                continue
+            assert f"| `{f.name}` |" in generated, f"{section}.{f.name}"
+            assert f.metadata.get("doc"), f"{section}.{f.name} has no meaning"

@@ -32,13 +32,9 @@ class Activity:
     "tts").
 
     Each engine sizes its threads by it, run by run: alone it takes all its threads, beside
-    another engine one. On a machine with as many threads as cores, two engines on all the
-    cores each oversubscribe them: llama.cpp's threads meet at a spinning barrier after every
-    graph node, so a descheduled thread keeps the other spinning, and every engine's run
-    stretches. Measured at four calls on 2 cores (``voicebot bench``, response p95): 1.80-2.12 s
-    in four runs with Whisper and Kokoro always on two threads, 1.67-1.79 s in two with them
-    following the load (and 1.48-1.88 s in five more with the turn-taking changes of the same
-    day); talk-overs 7 in the first four runs, 2 in the last seven.
+    another engine one. Two engines each on all the cores oversubscribe them: llama.cpp's
+    threads meet at a spinning barrier after every graph node, so a descheduled thread keeps
+    the other spinning, and every engine's run stretches (docs/performance.md).
     """
 
     def __init__(self) -> None:

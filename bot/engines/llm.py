@@ -6,21 +6,19 @@ together (continuous batching): each reply has a sequence of the context's KV ca
 ``llama_decode`` takes one token of each reply in progress plus the prompts of new ones. A
 sequence keeps its cache after its reply, so a call's next turn evaluates only the new words;
 the system prompt, shared by every call of a profile, is copied between sequences, not
-evaluated again. On 2 cores, 4 replies cost ~1.6x one (measured; see :class:`LlamaLlm`),
-where the lock that served one reply at a time made a new turn wait for whole replies.
+evaluated again: a new turn never waits for another call's whole reply.
 
 llama.cpp moves some weights into "extra" buffer types with CPU-specific layouts (AMX tiles,
 repacked Q4). Built on a CPU with AMX, llama-cpp-python 0.3.36 picks the AMX layout and then
 crashes the process (SIGSEGV) on the first prompt of more than one token (seen on a Sapphire
 Rapids VM). scripts/bootstrap compiles AMX out (``-mno-amx-*``); for a build that has it anyway
-(a wheel built elsewhere), ``extra_buffers = "auto"`` turns the extra layouts off (measured
-here: 22 tokens a second either way).
+(a wheel built elsewhere), ``extra_buffers = "auto"`` turns the extra layouts off (no slower
+here).
 
 llama.cpp built with OpenMP (pip's default) runs its thread pool on libgomp, the same library
 (by soname) PyTorch uses for Kokoro's vocoder. Once PyTorch's threads exist, libgomp counts more
 OpenMP threads than cores and "throttles": llama.cpp's barriers, one per graph node, sleep
-instead of spinning. Measured here after one vocoder run: the first token of a turn 161-171 ms
-instead of ~100, decoding ~1.5x slower. scripts/bootstrap builds llama.cpp with
+instead of spinning, and every prompt runs ~1.5x slower. scripts/bootstrap builds llama.cpp with
 ``-DGGML_OPENMP=OFF`` (its own thread pool); the stack warns about an OpenMP build beside
 PyTorch's vocoder.
 """
@@ -206,8 +204,8 @@ class LlamaLlm:
     """The LLM of a process, shared by its calls: ``options.parallel`` replies at a time are
     decoded together, one token each per ``llama_decode`` (continuous batching).
 
-    On 2 cores one token of this 0.5B model takes ~39 ms alone; 2, 3 and 4 sequences in one
-    batch ~50, 58 and 62 ms (measured here). Each reply has a llama.cpp sequence of its own
+    Batching is cheap on a CPU (one token of four sequences costs ~1.6x one alone, 2 cores).
+    Each reply has a llama.cpp sequence of its own
     (a *slot*): a call's next turn finds its previous prompt and reply still evaluated there,
     and a new call's prompt copies the system prompt's cells from a slot that has them. A new
     reply's prompt joins the very next batch, beside the tokens of the replies already going.
@@ -273,9 +271,7 @@ class LlamaLlm:
 
         llama.cpp's threads meet at a barrier after every graph node. Built without OpenMP
         (as scripts/bootstrap builds it), the barrier spins: with another engine's threads on
-        the same cores, a descheduled thread keeps the other spinning. Measured at 4 calls on 2
-        cores (p50 / p95 response): 4.0 / 6.8 s with 2 LLM threads always, 1.9 / 2.9 s with
-        this (the OpenMP build, whose barriers sleep: 2.4 / 3.9 s).
+        the same cores, a descheduled thread keeps the other spinning (docs/performance.md).
         """
         want = ACTIVITY.threads("llm", self.options.threads)
         if want != self.threads:

