@@ -167,14 +167,14 @@ class Call:
             self._asterisk_dtmf += 1
         self._asterisk_news.set()
 
-    async def _await_asterisk(self, moved: bool) -> None:
+    async def _await_asterisk(self) -> None:
         """Waits (at most ASTERISK_LAST_WORD) until a link that watches this call's channel has
         reported each DTMF digit and, unless the caller was moved elsewhere, the hang-up."""
         if self.route is None or self.route.control is None:
             return
 
         def heard() -> bool:
-            return self._asterisk_dtmf >= len(self.dtmf) and (moved or self._asterisk_hangup)
+            return self._asterisk_dtmf >= len(self.dtmf) and (self.moved or self._asterisk_hangup)
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ASTERISK_LAST_WORD):
@@ -224,7 +224,7 @@ class Call:
                 else:
                     await asyncio.shield(s.let_go())
             try:
-                await self._await_asterisk(moved=self.moved)
+                await self._await_asterisk()
             finally:
                 self._close_log(error)
         return self.end_reason
