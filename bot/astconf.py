@@ -238,9 +238,10 @@ def _loaded_modules(folder: Path) -> tuple[set[str], int] | None:
     return (loaded, autoload_line) if autoload_line else None
 
 
-def _used_modules(folder: Path, plan: Dialplan, pjsip: ConfFile) -> Iterator[tuple[str, str, str]]:
+def _used_modules(
+    folder: Path, plan: Dialplan, pjsip: ConfFile, table: ModuleTable
+) -> Iterator[tuple[str, str, str]]:
     """(module, what needs it, where) for everything the configuration uses."""
-    table = module_table()
     applications, functions = table.applications, table.functions
     yield "pbx_config", "the dialplan", "extensions.conf"
     for extens in plan.extensions.values():
@@ -274,9 +275,10 @@ def _modules(folder: Path, plan: Dialplan, pjsip: ConfFile) -> list[str]:
     if found is None:
         return []
     loaded, autoload_line = found
-    requires = module_table().requires
+    table = module_table()
+    requires = table.requires
     problems: list[str] = []
-    for module, what, where in _used_modules(folder, plan, pjsip):
+    for module, what, where in _used_modules(folder, plan, pjsip, table):
         if module == "?":
             problems.append(f"{where}: {what} is provided by no Asterisk 22 module")
         elif module != "core" and module not in loaded:

@@ -37,7 +37,7 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 @dataclass
-class Heard:
+class Received:
     """What the phone received: 8 kHz PCM from the first packet on, with arrival times."""
 
     pcm: bytearray = field(default_factory=bytearray)
@@ -60,7 +60,7 @@ class RtpPhone:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.1)
         self.port: int = self.sock.getsockname()[1]
-        self.heard = Heard()
+        self.heard = Received()
         self.peer: tuple[str, int] | None = None
         self.sent_packets = 0
         self._peer_known = threading.Event()
