@@ -143,6 +143,18 @@ def test_the_cli_check_names_the_problem(tmp_path: Path) -> None:
     assert "extensions.conf:38: Dial(AudioSocket/...) without c(slin)" in bad.stdout
 
 
+def test_the_cli_check_names_a_compose_file_it_cannot_read(tmp_path: Path) -> None:
+    not_compose = tmp_path / "compose.yml"
+    not_compose.write_text("services: [one, two]\n")
+    voicebot = [str(ROOT / ".venv" / "bin" / "voicebot"), "check-asterisk", str(ASTERISK)]
+    for compose in (not_compose, tmp_path / "missing.yml"):
+        done = subprocess.run(
+            [*voicebot, "--compose", str(compose)], capture_output=True, text=True
+        )
+        assert done.returncode == 2
+        assert f"voicebot: {compose}: no voicebot service environment to read" in done.stderr
+
+
 def render(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
     return subprocess.run(
