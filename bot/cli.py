@@ -408,6 +408,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
         return 0
+    if args.what == "quality":
+        from . import bench_quality
+
+        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+        known = {c.name: c for c in bench_quality.CONDITIONS}
+        if unknown := [name for name in args.conditions if name not in known]:
+            print(f"--conditions: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+            return 2
+        chosen = [known[name] for name in args.conditions]
+        result = bench_quality.run(
+            chosen, concurrency=args.concurrency, env=env, progress=not args.json
+        )
+        print(json.dumps(result, indent=2) if args.json else bench_quality.render(result))
+        return 0
     if args.what == "soak":
         from . import bench_soak
 
@@ -610,10 +624,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what",
         nargs="?",
-        choices=["calls", "pacing", "engines", "soak"],
+        choices=["calls", "quality", "pacing", "engines", "soak"],
         default="calls",
         help="calls (default): simulated conversations through the real models, response "
-        "latency; pacing: outbound frame timing on echo; engines: each speech engine",
+        "latency; quality: questions to the example business in noise, what the bot heard "
+        "and answered; pacing: outbound frame timing on echo; engines: each speech engine",
+    )
+    bench.add_argument(
+        "--conditions",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=[
+            "clean",
+            "ulaw",
+            "pink 20 dB",
+            "pink 10 dB",
+            "babble 20 dB",
+            "babble 10 dB",
+            "tv 20 dB",
+            "tv 10 dB",
+        ],
+        help="quality: which lines, comma-separated (default: all eight)",
     )
     bench.add_argument("--config", help="TOML settings file (which models, turn settings)")
     bench.add_argument(

@@ -149,6 +149,13 @@ class AssistantProfile:
     port: int = _setting(0, _range(0, 65535), "own AudioSocket port for this profile (0: none)")
     voice: str = _setting("", None, "TTS voice for this profile (default: [models] voice)")
     llm: str = _setting("", None, "LLM for this profile (default: [models] llm)")
+    knowledge: str = _setting("", None, "facts the bot answers from (hours, address, prices, FAQ)")
+    knowledge_file: str = _setting(
+        "example",
+        None,
+        "file of facts (a path, relative to the config file; or a shipped one: example; "
+        "empty: none)",
+    )
     transfer_extension: str = _setting(
         "operator", None, "dialplan extension a transfer to a person reaches (empty: none)"
     )
@@ -156,6 +163,45 @@ class AssistantProfile:
     transfer_message: str = _setting(
         "One moment, I am putting you through to a colleague.", _nonempty, "said before a transfer"
     )
+
+    def instructions(self) -> str:
+        """The system prompt, and the facts of ``knowledge`` and ``knowledge_file`` after it
+        (the file is read here: load() has checked it)."""
+        facts = "\n".join(
+            part.strip()
+            for part in (self.knowledge, _read_knowledge(self.knowledge_file))
+            if part.strip()
+        )
+        if not facts:
+            return self.system_prompt
+        return f"{self.system_prompt}\n\n{KNOWLEDGE_RULES}\n{facts}"
+
+
+# Said before a profile's facts: a small model otherwise fills a gap with a plausible guess.
+KNOWLEDGE_RULES: Final = (
+    "You answer for the business below, from these facts only. If they do not say, say you do "
+    "not know and offer to put the caller through to a colleague."
+)
+KNOWLEDGE_DIR: Final = Path(__file__).parent / "knowledge"
+# Every character of the facts is evaluated before a call's first reply and attended to by
+# every token after: ~4 characters a token, 1000 tokens is half a reply's context window.
+KNOWLEDGE_MAX_CHARS: Final = 4000
+
+
+def knowledge_path(value: str, base: Path) -> Path | None:
+    """Where ``knowledge_file`` points: a shipped file by name, else a path (relative to
+    ``base``, the config file's folder)."""
+    if not value:
+        return None
+    shipped = KNOWLEDGE_DIR / f"{value}.md"
+    if "/" not in value and shipped.is_file():
+        return shipped
+    return base / value
+
+
+def _read_knowledge(value: str) -> str:
+    path = knowledge_path(value, Path.cwd())
+    return path.read_text(encoding="utf-8") if path is not None else ""
 
 
 PROFILE_KINDS: Final[dict[str, type[Any]]] = {"echo": EchoProfile, "assistant": AssistantProfile}
@@ -166,8 +212,11 @@ Profile = EchoProfile | AssistantProfile
 class TurnSettingsConfig:
     """Turn detection (see bot/turns.py)."""
 
-    vad: str = _setting("webrtc", _one_of("webrtc", "silero"), "voice activity detector")
+    vad: str = _setting("silero", _one_of("webrtc", "silero"), "voice activity detector")
     vad_mode: int = _setting(3, _range(0, 3), "webrtcvad aggressiveness (3: strictest)")
+    noise_margin_db: float = _setting(
+        8.0, _range(0, 40), "caller speech is this much above the line's background (0: off)"
+    )
     onset_ms: int = _setting(60, _range(20, 1000), "voiced audio that starts a turn")
     pre_roll_ms: int = _setting(300, _range(0, 2000), "audio kept from before the onset")
     pause_ms: int = _setting(80, _range(20, 2000), "silence that starts speculative STT")
@@ -385,6 +434,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
                 f"{prefix}.kind: must be one of {', '.join(PROFILE_KINDS)}, got {kind!r}"
             )
         profiles[name] = _build(PROFILE_KINDS[kind], prefix, {**values, "kind": str(kind)})
+    base = Path(path).resolve().parent if path else Path.cwd()
+    for name, profile in profiles.items():
+        if isinstance(profile, AssistantProfile):
+            profiles[name] = _with_knowledge(f"profiles.{name}", profile, base)
 
     settings = Settings(
         server=_build(ServerSettings, "server", _table(data, "server")),
@@ -399,6 +452,27 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     )
     _check_links(settings)
     return settings
+
+
+def _with_knowledge(prefix: str, profile: AssistantProfile, base: Path) -> AssistantProfile:
+    """The profile with its knowledge file's absolute path, once it reads and fits."""
+    path = knowledge_path(profile.knowledge_file, base)
+    if path is None:
+        text = ""
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"{prefix}.knowledge_file: {path}: {why or exc}") from None
+        profile = dataclasses.replace(profile, knowledge_file=str(path))
+    size = len(profile.knowledge) + len(text)
+    if size > KNOWLEDGE_MAX_CHARS:
+        raise ConfigError(
+            f"{prefix}.knowledge: {size} characters of facts, over {KNOWLEDGE_MAX_CHARS} "
+            "(every reply attends to all of them: keep what callers ask)"
+        )
+    return profile
 
 
 def _check_links(settings: Settings) -> None:

@@ -62,6 +62,7 @@ from .turns import (
     WebRtcVad,
     looks_complete,
 )
+from .wording import join_digits, spoken_codes
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,12 @@ class Assets:
         # ("greeting:PROFILE" | "transfer:PROFILE" | "busy", rate) -> 16-bit PCM
         self.prompts: dict[tuple[str, int], bytes] = {}
         self.llms: dict[str, Any] = {}  # profile -> its own LLM ([profiles.NAME] llm)
+        # profile -> its system prompt with its facts (read once, at start-up)
+        self.instructions: dict[str, str] = {
+            name: profile.instructions()
+            for name, profile in settings.profiles.items()
+            if isinstance(profile, AssistantProfile)
+        }
         # Replies of any call whose LLM or TTS work is not done: a call replies ahead of the
         # caller's endpoint only while there is none (guesswork must not slow a real answer).
         self.replies_working = 0
@@ -318,7 +325,9 @@ class Assets:
         # The first call's prompt starts with its profile's system prompt: have it evaluated.
         default = self.settings.profiles.get(self.settings.server.profile)
         if isinstance(default, AssistantProfile):
-            self.llm_for(self.settings.server.profile).warm_up(default.system_prompt)
+            self.llm_for(self.settings.server.profile).warm_up(
+                self.instructions[self.settings.server.profile]
+            )
 
     def _load_llm(self, name: str, model: str) -> Any:
         from .engines.llm import LlamaLlm
@@ -408,7 +417,7 @@ class Assistant:
         self.llm = assets.llm_for(call.profile_name)
         self.dialogue = Dialogue(
             self.llm,
-            system_prompt=profile.system_prompt,
+            system_prompt=assets.instructions[call.profile_name],
             max_tokens=assets.settings.models.llm_max_tokens,
         )
         t = assets.settings.turns
@@ -423,6 +432,7 @@ class Assistant:
             max_utterance_s=t.max_utterance_s,
             barge_in=profile.barge_in,
             barge_in_ms=t.barge_in_ms,
+            noise_margin_db=t.noise_margin_db,
         )
         self._speculation: tuple[int, asyncio.Task[tuple[Transcript, float]]] | None = None
         self._reply: asyncio.Task[None] | None = None
@@ -552,7 +562,7 @@ class Assistant:
         """Starts the reply to the words so far while the caller pauses: if the pause becomes
         the endpoint, the answer is already on its way (its audio waits for the endpoint);
         if the caller goes on, it is dropped, and never joins the conversation's history."""
-        text = f"{self._carry} {transcript.text}".strip()
+        text = join_digits(f"{self._carry} {transcript.text}".strip())
         if (
             not self.assets.settings.turns.reply_ahead
             or not re.search(r"\w", text)
@@ -608,7 +618,7 @@ class Assistant:
                 spec[1].cancel()
             transcript, done_t = await self._transcribe(end.audio)
             turn.mark("stt_done", done_t)
-        text = f"{self._carry} {transcript.text}".strip()
+        text = join_digits(f"{self._carry} {transcript.text}".strip())
         self._carry = ""
         turn.transcript = text
         if not text or not re.search(r"\w", text):
@@ -686,7 +696,8 @@ class Assistant:
             self._turn.interrupted = True
 
     def _speaker(self, text: str, rate: int, due: float) -> Callable[[], Iterator[bytes]]:
-        return lambda: speak(self.engines.tts, text, rate, self.profile.voice or None, due=due)
+        said = spoken_codes(text)  # a code is read back digit by digit
+        return lambda: speak(self.engines.tts, said, rate, self.profile.voice or None, due=due)
 
     async def _respond(self, turn: Turn) -> None:
         call = self.call

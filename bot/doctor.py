@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -14,22 +13,11 @@ from .config import Settings
 from .engines import EngineError, ModelUnavailable, models
 from .engines.llm import Usage
 from .engines.stack import Engines, options
+from .wording import word_errors
 
 DOCTOR_SENTENCE: Final = "The quick brown fox jumps over the lazy dog."
 DOCTOR_QUESTION: Final = "What is the capital of France? Answer in one short sentence."
 MAX_WER: Final = 0.5
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """Word-level edit distance and the reference's length in words (for WER)."""
-    ref = re.findall(r"[a-z0-9']+", reference.lower())
-    hyp = re.findall(r"[a-z0-9']+", hypothesis.lower())
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
 
 
 def models_report(settings: Settings) -> list[dict[str, Any]]:

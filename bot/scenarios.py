@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -29,6 +29,13 @@ QUESTIONS: Final = (
     "Could you recommend a good book, please?",
     "My order has not arrived yet, what should I do?",
 )
+
+
+# espeak-ng's English voices with different accents and speakers (US, British RP, Scottish,
+# Caribbean, a US woman).
+ESPEAK_VOICES: Final = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us+f3")
+# Kokoro v1.0's voices in the offline pack (the bot speaks with one of them).
+KOKORO_VOICES: Final = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +63,44 @@ def with_noise(x: np.ndarray, dbfs: float, seed: int) -> np.ndarray:
 
 
 class Voices:
+    """Caller voices: ``piper`` (en_US-joe-medium), ``espeak:VOICE`` (Debian's espeak-ng, where
+    installed) and ``kokoro:VOICE`` (a Kokoro voice other than the bot's, loaded on first use).
+    """
+
     def __init__(self) -> None:
         from .engines.tts import PiperTts
 
         self.piper = PiperTts(progress=False)
         self.espeak = shutil.which("espeak-ng")
+        self._kokoro: Any = None
+
+    def available(self, bot_voice: str) -> list[str]:
+        """Every caller voice this machine has, never ``bot_voice``."""
+        names = ["piper"]
+        if self.espeak:
+            names += [f"espeak:{v}" for v in ESPEAK_VOICES]
+        names += [f"kokoro:{v}" for v in KOKORO_VOICES if v != bot_voice]
+        return names
 
     def say(self, text: str, voice: str) -> np.ndarray:
         """8 kHz phone-band float audio of ``text``."""
-        if voice == "piper":
+        engine, _, name = voice.partition(":")
+        if engine == "piper":
             chunks = list(self.piper.synthesize(text))
             return phone_band(np.concatenate(chunks), self.piper.native_rate)
+        if engine == "kokoro":
+            return phone_band(np.concatenate(list(self.kokoro.synthesize(text, name))), 24000)
+        return self._espeak(text, name or voice)
+
+    @property
+    def kokoro(self) -> Any:
+        if self._kokoro is None:
+            from .engines.tts import KokoroOnnx
+
+            self._kokoro = KokoroOnnx(progress=False)
+        return self._kokoro
+
+    def _espeak(self, text: str, voice: str) -> np.ndarray:
         if self.espeak is None:
             raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +117,7 @@ class Voices:
 def generate(count: int = 8, *, seed: int = 1) -> list[Scenario]:
     """``count`` two-turn calls mixing voices, noise and mid-sentence pauses."""
     voices = Voices()
-    names = ["piper"] + (["en-us+m3", "en-us+f2"] if voices.espeak else [])
+    names = ["piper"] + (["espeak:en-us+m3", "espeak:en-us+f2"] if voices.espeak else [])
     out = []
     for i in range(count):
         voice = names[i % len(names)]

@@ -24,6 +24,8 @@ import uuid as uuid_mod
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+import numpy as np
+
 from . import audiosocket as proto
 from .audio import FRAME_SECONDS, frame_bytes, is_silent, silence
 
@@ -56,6 +58,7 @@ class TurnResult:
     index: int
     speech_start: float  # seconds since the call started
     speech_end: float
+    first_frame: int = 0  # the index of the first frame sent that carries the turn
     response_latency_ms: float | None = None  # None: the bot did not answer (a missed answer)
     reply_seconds: float = 0.0
     talk_over_frames: int = 0  # bot frames with sound that arrived while the caller spoke
@@ -130,6 +133,7 @@ class CallerSimulator:
         duration: float | None = None,
         record: bool = True,
         skip_rx_stats_first: float = 0.5,
+        background: bytes = b"",
     ) -> None:
         if rate not in (8000, 16000):
             raise ValueError(f"Asterisk sends slin at 8000 or slin16 at 16000 Hz, not {rate}")
@@ -144,6 +148,10 @@ class CallerSimulator:
         self.duration = duration  # hang up after this many seconds whatever the script says
         self.record = record
         self.skip_rx_stats_first = skip_rx_stats_first
+        # A room's noise under the whole call (PCM at ``rate``, looped), turns included; a
+        # turn's speech end is still its own speech's (the noise is not the caller talking).
+        self.background = np.frombuffer(background[: len(background) // 2 * 2], "<i2")
+        self._background_at = 0
         self.report = CallReport(uuid=str(self.uuid), rate=rate)
         self.received = bytearray()  # everything the bot sent, frames concatenated
         self.rx_times: list[float] = []  # arrival of every audio frame, seconds since start
@@ -231,12 +239,22 @@ class CallerSimulator:
                     self._turn_done.set()
             else:
                 frame = quiet
+            if len(self.background):
+                frame = self._with_background(frame)
             writer.write(self._conn.send(proto.Audio(self.rate, frame)))
             self.sent_audio += frame
             self.report.frames_sent += 1
             await writer.drain()
             due += FRAME_SECONDS
             await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+    def _with_background(self, frame: bytes) -> bytes:
+        n = len(frame) // 2
+        at = self._background_at
+        noise = self.background[(at + np.arange(n)) % len(self.background)].astype(np.int32)
+        self._background_at = (at + n) % len(self.background)
+        mixed = np.frombuffer(frame, "<i2").astype(np.int32) + noise
+        return bytes(np.clip(mixed, -32768, 32767).astype("<i2").tobytes())
 
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         conn = self._conn
@@ -296,7 +314,12 @@ class CallerSimulator:
     async def _speak(self, index: int, pcm: bytes) -> TurnResult:
         self._turn_done.clear()
         self._last_voiced_tx = None
-        result = TurnResult(index=index, speech_start=round(self.now(), 3), speech_end=0.0)
+        result = TurnResult(
+            index=index,
+            speech_start=round(self.now(), 3),
+            speech_end=0.0,
+            first_frame=self.report.frames_sent,
+        )
         self.report.turns.append(result)
         self._speaking += pcm
         await self._turn_done.wait()

@@ -18,6 +18,17 @@ arrival time; it does no I/O and knows nothing about engines, so it is tested fr
   inside a sentence does not make the bot answer. Without a hint, ``hangover_ms`` (650 ms:
   the scenario set's 400 ms breath after a comma is 500-580 ms between voiced frames, the
   voices' own silence around the comma included; at 500 ms the bot answered into it).
+- **Noise.** A caller in a cafe or beside a TV is heard over a background the VAD takes for
+  speech (babble *is* speech). :class:`NoiseFloor` follows the line's background level (the
+  quietest frames of the last seconds: a room's noise stays, speech comes and goes), and a
+  frame counts as the caller's voice only if the VAD says speech *and* it is ``noise_margin_db``
+  above that floor: the caller is nearer the phone than the room. On a quiet line the floor is
+  far below speech and changes nothing. The floor is the median level of the last 4 s heard
+  between turns (a turn's own frames would raise it to the caller's voice); inside a turn the
+  margin is ``noise_hold_db`` lower, so a word's weaker end does not split the turn. On the
+  quality bench's noisy lines (pink noise, babble, a TV, at 20 and 10 dB SNR) 36 of 42 turns
+  got exactly one endpoint with Silero and the gate, 33 with webrtcvad and the gate, 13 with
+  webrtcvad alone (the rest: a turn split at a sentence's pause, or run on into the noise).
 - **Too short, too long.** A turn with less than ``min_speech_ms`` of voiced audio is dropped
   (coughs); one longer than ``max_utterance_s`` ends at once so a monologue still gets an answer.
 - **Gate and barge-in.** While the bot is speaking the call closes the gate: caller audio does
@@ -41,6 +52,7 @@ __all__ = [
     "BargeIn",
     "Discarded",
     "EndOfTurn",
+    "NoiseFloor",
     "Paused",
     "Resumed",
     "SileroVad",
@@ -118,6 +130,31 @@ class SileroVad:
         return self._prob >= self.threshold
 
 
+class NoiseFloor:
+    """The line's background level in dBFS: a percentile of the frame levels of the last
+    ``window_s`` between the caller's turns (the detector feeds it no frame of a turn)."""
+
+    def __init__(self, window_s: float = 4.0, percentile: float = 50.0) -> None:
+        self._levels: collections.deque[float] = collections.deque(
+            maxlen=max(1, round(window_s * 1000 / FRAME_MS))
+        )
+        self._percentile = percentile
+        self.level = SILENT_DBFS
+
+    def update(self, db: float) -> None:
+        self._levels.append(db)
+        self.level = float(np.percentile(self._levels, self._percentile))
+
+
+SILENT_DBFS: Final = -96.0
+
+
+def level_dbfs(pcm: bytes) -> float:
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    power = float(np.mean(x * x)) / (32768.0 * 32768.0) if len(x) else 0.0
+    return 10 * np.log10(power) if power > 1e-10 else SILENT_DBFS
+
+
 # --- events -------------------------------------------------------------------------------------
 
 
@@ -174,6 +211,9 @@ class TurnSettings:
     max_utterance_s: float = 15.0
     barge_in: bool = False
     barge_in_ms: int = 200
+    noise_margin_db: float = 8.0
+    noise_hold_db: float = 3.0  # less margin inside a turn: a word's weaker end stays in it
+    noise_percentile: float = 50.0
 
 
 # A voiced frame outside our own speech counts as the caller being heard this long (see
@@ -257,6 +297,7 @@ class TurnDetector:
         self._utt: _Utterance | None = None
         self._hint: bool | None = None
         self._voice_at: float | None = None  # the last voiced frame outside our own speech
+        self.noise = NoiseFloor(percentile=self.s.noise_percentile)
 
     @property
     def in_speech(self) -> bool:
@@ -297,7 +338,7 @@ class TurnDetector:
 
     def feed(self, pcm: bytes, t: float, *, gated: bool = False) -> list[TurnEvent]:
         """One frame of caller audio that arrived at ``t``. ``gated``: the bot is speaking."""
-        voiced = self.vad.is_speech(pcm, self.rate)
+        voiced = self._voiced(pcm)
         utt = self._utt
         if utt is None:
             return self._idle(pcm, t, voiced, gated)
@@ -322,6 +363,18 @@ class TurnDetector:
         if not voiced and utt.silent_run >= self._hangover_frames():
             events.append(self._end(t, "hangover"))
         return events
+
+    def _voiced(self, pcm: bytes) -> bool:
+        """The VAD hears speech, above the background (the floor before this frame)."""
+        db = level_dbfs(pcm)
+        margin = self.s.noise_margin_db
+        if self._utt is not None:  # hysteresis: a word's weaker end stays in the turn
+            margin -= self.s.noise_hold_db
+        loud = self.s.noise_margin_db <= 0 or db >= self.noise.level + margin
+        if self._utt is None:  # the caller's own voice is not the room's
+            self.noise.update(db)
+        speech = self.vad.is_speech(pcm, self.rate)  # every frame: a VAD may keep state
+        return loud and speech
 
     def _idle(self, pcm: bytes, t: float, voiced: bool, gated: bool) -> list[TurnEvent]:
         if gated:

@@ -20,7 +20,7 @@ def test_defaults_are_safe() -> None:
     assert s.server.host == "127.0.0.1"  # never listen on every interface unless told to
     assert s.server.port == 9092
     assert s.server.profile == "assistant" and s.profile("echo").delay_ms == 500
-    assert s.profile("assistant").barge_in is False and s.turns.vad == "webrtc"
+    assert s.profile("assistant").barge_in is False and s.turns.vad == "silero"
     assert s.playout.lead_frames == 3
 
 
@@ -158,6 +158,44 @@ def test_assistant_profiles_and_turn_settings(tmp_path: Path) -> None:
         config.load(None, {"VOICEBOT_TURNS_VAD": "x"})
     with pytest.raises(ConfigError, match="profiles.assistant.barge_in: expected bool"):
         config.load(None, {"VOICEBOT_PROFILES_ASSISTANT_BARGE_IN": "maybe"})
+
+
+def test_a_profile_answers_from_its_knowledge(tmp_path: Path) -> None:
+    """The shipped assistant knows the example business; a profile's own facts come from a
+    file beside the config, inline, or not at all."""
+    shipped = config.load(None, {}).profile("assistant")
+    assert isinstance(shipped, config.AssistantProfile)
+    prompt = shipped.instructions()
+    assert prompt.startswith(shipped.system_prompt) and config.KNOWLEDGE_RULES in prompt
+    assert "42 Harbour Road" in prompt and "Saturday 10 am to 4 pm" in prompt
+    (tmp_path / "shop.md").write_text("We sell ice cream. Open daily 11 am to 9 pm.\n")
+    f = tmp_path / "bot.toml"
+    f.write_text(
+        '[profiles.shop]\nkind = "assistant"\nknowledge_file = "shop.md"\n'
+        'knowledge = "Cones cost 3 dollars."\n'
+        '[profiles.plain]\nkind = "assistant"\nknowledge_file = ""\n'
+    )
+    s = config.load(f, {})
+    shop, plain = s.profile("shop"), s.profile("plain")
+    assert isinstance(shop, config.AssistantProfile) and isinstance(plain, config.AssistantProfile)
+    assert shop.knowledge_file == str(tmp_path / "shop.md")
+    assert shop.instructions().endswith(
+        "Cones cost 3 dollars.\nWe sell ice cream. Open daily 11 am to 9 pm."
+    )
+    assert plain.instructions() == plain.system_prompt
+
+
+def test_a_knowledge_file_that_cannot_serve_stops_start_up(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^profiles.assistant.knowledge_file: .*missing.md: No such"
+    ):
+        config.load(
+            None, {"VOICEBOT_PROFILES_ASSISTANT_KNOWLEDGE_FILE": str(tmp_path / "missing.md")}
+        )
+    big = tmp_path / "big.md"
+    big.write_text("Facts. " * 1000)
+    with pytest.raises(ConfigError, match=r"^profiles.assistant.knowledge: 7000 characters"):
+        config.load(None, {"VOICEBOT_PROFILES_ASSISTANT_KNOWLEDGE_FILE": str(big)})
 
 
 def test_every_setting_is_documented() -> None:

@@ -22,7 +22,7 @@ from bot import audiosocket as proto
 from bot.app import handler
 from bot.audio import is_silent
 from bot.calllog import list_calls, read_call
-from bot.config import Settings
+from bot.config import AssistantProfile, Settings
 from bot.conversation import (
     FIRST_AUDIO_DUE_S,
     FLOOR_HOLD_S,
@@ -109,6 +109,7 @@ class FakeLlm:
         max_tokens: int | None = None,
         stop: Any = None,
         usage: Usage | None = None,
+        temperature: float | None = None,
     ) -> Iterator[str]:
         self.prompts.append(messages)
         finished = False
@@ -179,7 +180,12 @@ class ScriptedAssets(Assets):
 
 
 def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, ScriptedAssets]:
-    defaults = {"VOICEBOT_SERVER_PROFILE": "assistant", "VOICEBOT_PROFILES_ASSISTANT_GREETING": ""}
+    defaults = {
+        "VOICEBOT_SERVER_PROFILE": "assistant",
+        "VOICEBOT_PROFILES_ASSISTANT_GREETING": "",
+        # The scripted frames carry no level: no noise gate (tests/test_turns.py tests it).
+        "VOICEBOT_TURNS_NOISE_MARGIN_DB": "0",
+    }
     settings = make_settings(calls_dir, **{**defaults, **env})
     engines = FakeEngines()
     assets = ScriptedAssets(settings, engines, ThreadPoolExecutor(8))  # type: ignore[arg-type]
@@ -832,10 +838,10 @@ def test_a_profile_speaks_with_its_own_voice_and_a_wrong_one_stops_start_up(
     settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="tone")
     assets.prepare()  # the voice exists: prompts are synthesized with it
     assert set(engines.tts.voices) == {"tone", None}  # profile prompts; the busy/apology ones
-    # The LLM evaluated the profile's system prompt, where the first call's prompt starts.
-    assert engines.llm.prompts == [
-        [{"role": "system", "content": settings.profiles["assistant"].system_prompt}]
-    ]  # type: ignore[union-attr]
+    # The LLM evaluated the profile's system prompt and facts, where a call's prompt starts.
+    profile = settings.profiles["assistant"]
+    assert isinstance(profile, AssistantProfile)
+    assert engines.llm.prompts == [[{"role": "system", "content": profile.instructions()}]]
     run_call(settings, assets, [speech(0.6)], greeting_wait=0, quiet=0.5)
     assert engines.tts.voices[-1] == "tone"  # the reply too
     settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_VOICE="af_nobody")

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from bot.doctor import word_errors
+from bot.wording import word_errors
 
 from .conftest import ROOT
 

@@ -18,7 +18,6 @@ import pytest
 
 from bot import audiosocket as p
 from bot.audio import pcm_to_float
-from bot.doctor import word_errors
 from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
 from bot.engines.llm import (
     Conversation,
@@ -54,6 +53,7 @@ from bot.engines.tts import (
     speak,
 )
 from bot.engines.vocoder import TorchVocoder
+from bot.wording import word_errors
 
 from .conftest import fixture_stream
 

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from bot import audiosocket as p
@@ -117,8 +119,8 @@ def test_response_latency_is_measured_from_the_end_of_speech(calls_dir: Path) ->
     assert results[1].speech_start > results[0].speech_end + 0.4  # waited for the reply
 
 
-def test_a_turn_without_an_answer_is_reported_missed(calls_dir: Path) -> None:
-    settings = make_settings(calls_dir)
+def mute_bot(settings: Any) -> Any:
+    """A session handler whose call listens and never answers."""
 
     async def mute(call: Call) -> None:
         while True:
@@ -126,6 +128,42 @@ def test_a_turn_without_an_answer_is_reported_missed(calls_dir: Path) -> None:
 
     async def handle(session: Session) -> None:
         await Call(session, "mute", settings.profile("echo"), settings, behaviour=mute).run()
+
+    return handle
+
+
+def test_a_rooms_noise_is_under_the_whole_call_and_the_speech_end_is_the_callers(
+    calls_dir: Path,
+) -> None:
+    """The background is mixed into every frame, silence and turns alike; a turn still ends
+    where its own speech ends, and the bot hears exactly speech plus noise."""
+    settings = make_settings(calls_dir)
+    handle = mute_bot(settings)
+
+    room = tone(300, 0.5, level=0.05)  # a loop shorter than the call
+    turn = silence(8000, 0.2) + tone(400, 0.6)
+    sim = run_call(
+        settings,
+        {"turns": [turn], "greeting_wait": 0, "answer_timeout": 0.6, "background": room},
+        handle,
+    )
+    size = frame_bytes(8000)
+    sent = bytes(sim.sent_audio)
+    assert not any(is_silent(sent[i : i + size]) for i in range(0, len(sent), size))
+    result = sim.report.turns[0]
+    start = result.first_frame * size
+    speech = np.frombuffer(sent[start : start + len(turn)], "<i2").astype(np.int32)
+    at = start // 2 % (len(room) // 2)
+    loop = np.frombuffer(room, "<i2").astype(np.int32)
+    noise_part = loop[(at + np.arange(len(speech))) % len(loop)]
+    clean = np.frombuffer(turn, "<i2").astype(np.int32)
+    assert np.array_equal(speech, np.clip(clean + noise_part, -32768, 32767))
+    assert result.speech_end - result.speech_start == pytest.approx(0.8, abs=0.03)
+
+
+def test_a_turn_without_an_answer_is_reported_missed(calls_dir: Path) -> None:
+    settings = make_settings(calls_dir)
+    handle = mute_bot(settings)
 
     sim = run_call(
         settings, {"turns": [tone(400, 0.3)], "greeting_wait": 0, "answer_timeout": 0.5}, handle

@@ -10,12 +10,14 @@ from bot.turns import (
     BargeIn,
     Discarded,
     EndOfTurn,
+    NoiseFloor,
     Paused,
     Resumed,
     SpeechStarted,
     TurnDetector,
     TurnSettings,
     WebRtcVad,
+    level_dbfs,
     looks_complete,
 )
 
@@ -24,7 +26,8 @@ S = bytes(320)
 
 
 # The frame positions below were worked out for these timings.
-BASE = {"pause_ms": 160, "hangover_ms": 500, "hangover_complete_ms": 300}
+# The scripted frames have no level to speak of: the noise gate is tested on real signals below.
+BASE = {"pause_ms": 160, "hangover_ms": 500, "hangover_complete_ms": 300, "noise_margin_db": 0.0}
 
 
 class ScriptedVad:
@@ -212,3 +215,58 @@ def test_silero_vad_on_real_speech_silence_and_noise(rate: int) -> None:
     assert voiced_share(bytes(rate * 2)) == 0.0
     assert voiced_share(noise) < 0.1
     assert voiced_share(speech) > 0.5
+
+
+# --- the noise gate, on real signals ---------------------------------------------------------
+
+
+class AlwaysSpeech:
+    """A VAD in babble: every frame sounds like speech to it."""
+
+    def is_speech(self, pcm: bytes, rate: int) -> bool:
+        return True
+
+
+def noise_frames(seconds: float, dbfs: float, seed: int = 1) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(int(seconds * 8000)) * 32768 * 10 ** (dbfs / 20)
+    pcm = np.clip(x, -32768, 32767).astype("<i2").tobytes()
+    return [pcm[i : i + 320] for i in range(0, len(pcm), 320)]
+
+
+def test_the_noise_floor_follows_the_background() -> None:
+    floor = NoiseFloor()
+    for frame in noise_frames(3.0, -40.0):
+        floor.update(level_dbfs(frame))
+    assert -43.0 < floor.level < -39.0
+    for frame in noise_frames(5.0, -25.0):  # a louder room: the floor rises with it
+        floor.update(level_dbfs(frame))
+    assert -28.0 < floor.level < -24.0
+
+
+def test_a_turn_ends_in_a_background_the_vad_takes_for_speech() -> None:
+    """The caller (15 dB above the room) stops; the VAD never does. The turn still ends after
+    the hangover, and the room alone starts no turn."""
+    room = noise_frames(12.0, -35.0, seed=2)
+    voice = noise_frames(1.5, -20.0, seed=3)
+    frames = room[:100] + voice + room[100:]
+    for margin, expect_end in ((9.0, True), (0.0, False)):
+        det = TurnDetector(AlwaysSpeech(), 8000, TurnSettings(noise_margin_db=margin))
+        ends, starts = [], []
+        for i, frame in enumerate(frames[:400]):
+            for event in det.feed(frame, i * 0.02):
+                (ends if isinstance(event, EndOfTurn) else starts).append((i, event))
+        if expect_end:
+            assert [type(e).__name__ for _, e in starts] == ["SpeechStarted", "Paused"]
+            ((at, end),) = ends
+            assert end.reason == "hangover" and 100 + 75 + 30 <= at <= 100 + 75 + 36
+        else:  # without the gate: one turn that never ends (the old behaviour)
+            assert not ends and det.in_speech
+
+
+def test_quiet_speech_on_a_quiet_line_is_still_heard() -> None:
+    det = TurnDetector(AlwaysSpeech(), 8000, TurnSettings())
+    frames = [bytes(320)] * 50 + noise_frames(1.0, -50.0) + [bytes(320)] * 50
+    events = [e for i, f in enumerate(frames) for e in det.feed(f, i * 0.02)]
+    assert any(isinstance(e, SpeechStarted) for e in events)
+    assert any(isinstance(e, EndOfTurn) for e in events)

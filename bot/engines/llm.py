@@ -31,10 +31,11 @@ import ctypes
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..wording import words
 from . import ACTIVITY, EngineFailed, ModelUnavailable
 from .models import resolve
 
@@ -54,7 +55,7 @@ class LlmOptions:
     n_ctx: int = 2048  # per reply (each sequence's window)
     threads: int = 2
     max_tokens: int = 50
-    temperature: float = 0.6
+    temperature: float = 0.2  # low: a business's facts, said as the prompt gives them
     top_p: float = 0.9
     seed: int = -1
     stop: tuple[str, ...] = ()
@@ -323,7 +324,8 @@ class LlamaLlm:
         max_tokens: int | None = None,
         stop: tuple[str, ...] | None = None,
         usage: Usage | None = None,
-    ) -> Iterator[str]:
+        temperature: float | None = None,
+    ) -> Generator[str, None, None]:
         """Streams the reply's text pieces; blocking. ``usage`` is filled in as it goes."""
         o = self.options
         usage = usage if usage is not None else Usage()
@@ -336,7 +338,7 @@ class LlamaLlm:
             prompt=prompt,
             max_tokens=min(max_tokens or o.max_tokens, room),
             stop=stop if stop is not None else o.stop,
-            sampler=self._sampler(),
+            sampler=self._sampler(o.temperature if temperature is None else temperature),
             usage=usage,
             submitted=start,
         )
@@ -416,18 +418,18 @@ class LlamaLlm:
                 self._leave(g)
                 self._cond.notify_all()
 
-    def _sampler(self) -> Any:
+    def _sampler(self, temperature: float) -> Any:
         """What ``Llama.create_chat_completion`` samples with (its defaults, and ours)."""
         o = self.options
         sampler = self._new_sampler()
         seed = o.seed if o.seed >= 0 else self._low.LLAMA_DEFAULT_SEED
-        if o.temperature <= 0:
+        if temperature <= 0:
             sampler.add_greedy()
         else:
             sampler.add_top_k(40)
             sampler.add_top_p(o.top_p, 1)
             sampler.add_min_p(0.05, 1)
-            sampler.add_temp(o.temperature)
+            sampler.add_temp(temperature)
             sampler.add_dist(seed)
         return sampler
 
@@ -448,8 +450,11 @@ class LlamaLlm:
                     self._cond.wait()
                     continue
                 plan = self._plan()
-                if not plan:  # every slot busy with a reply whose consumer is not asking
-                    self._cond.wait()
+                if not plan:
+                    # Admitted with nothing to evaluate (see prepare), or every slot busy
+                    # with a reply whose consumer is not asking: wait for one to ask.
+                    if g.finish is None:
+                        self._cond.wait()
                     continue
                 self._stepping = True
                 self._cond.release()
@@ -596,6 +601,46 @@ class LlamaLlm:
         g.finish = g.finish or "stop"
 
 
+ECHO_MIN_WORDS: Final = 3  # a caller's shorter turn ("Thanks, bye.") may well be said back
+ECHO_WORDS: Final = 4  # a reply whose first words are the caller's first this many is an echo
+ANSWER_REMINDER: Final = "(Answer the caller in your own words; do not repeat what they said.)"
+
+
+class EchoGuard:
+    """Holds a reply's first pieces while they repeat the caller's first words: released as
+    soon as the reply says something else, dropped (``echo``) once it has repeated
+    ``ECHO_WORDS`` of them."""
+
+    def __init__(self, user_text: str) -> None:
+        self._user = words(user_text)
+        self._held: list[str] = []
+        self.deciding = len(self._user) >= ECHO_MIN_WORDS
+        self.echo = False
+
+    def feed(self, piece: str) -> list[str]:
+        """The pieces to say now."""
+        if not self.deciding:
+            return [piece]
+        self._held.append(piece)
+        text = "".join(self._held)
+        said = words(text)
+        user = self._user[: len(said)]
+        partial = text[-1:].isalnum() and said  # the last word may go on
+        if said[:-1] != user[:-1] or not (
+            said[-1:] == user[-1:] or (partial and user[-1:] and user[-1].startswith(said[-1]))
+        ):
+            return self.flush()
+        whole = said[:-1] if partial else said
+        if len(whole) >= min(ECHO_WORDS, len(self._user)):
+            self.deciding, self.echo, self._held = False, True, []
+        return []
+
+    def flush(self) -> list[str]:
+        """The held pieces: the reply said something else, or ended before it could tell."""
+        out, self._held, self.deciding = self._held, [], False
+        return out
+
+
 @dataclass
 class Conversation:
     """One call's dialogue: a system prompt and the turns so far, trimmed to the context."""
@@ -625,19 +670,42 @@ class Conversation:
         """Streams the reply. The turn joins the history when the stream ends, also when the
         caller of this generator stops early (a short answer, or barge-in): then the history
         holds what was generated. ``keep``, asked at that moment, can say the exchange never
-        happened (a reply started ahead of the caller's last word, then dropped)."""
-        pieces: list[str] = []
+        happened (a reply started ahead of the caller's last word, then dropped); a reply of
+        which nothing was generated leaves no trace either.
+
+        A reply that starts by repeating the caller's words (a small model copying its input,
+        which it then keeps doing for the rest of the call once it is in the history) is
+        never spoken: its first pieces are held until they say something else, and an echo is
+        answered again, greedily, with a reminder after the caller's words."""
+        said: list[str] = []
         try:
-            for piece in self.llm.stream(
-                self.messages(user_text), max_tokens=self.max_tokens, usage=usage
-            ):
-                pieces.append(piece)
-                yield piece
+            for attempt, temperature in enumerate((None, 0.0)):
+                text = user_text if attempt == 0 else f"{user_text}\n{ANSWER_REMINDER}"
+                guard = EchoGuard(user_text)
+                stream = self.llm.stream(
+                    self.messages(text),
+                    max_tokens=self.max_tokens,
+                    usage=usage,
+                    temperature=temperature,
+                )
+                with contextlib.closing(stream):  # an echo frees its sequence at once
+                    for piece in stream:
+                        for out in guard.feed(piece):
+                            said.append(out)
+                            yield out
+                        if guard.echo:
+                            break
+                if not guard.echo:
+                    for out in guard.flush():
+                        said.append(out)
+                        yield out
+                    return
         finally:
-            if keep is None or keep():
+            reply = "".join(said).strip()
+            if reply and (keep is None or keep()):
                 self.history += [
                     {"role": "user", "content": user_text},
-                    {"role": "assistant", "content": "".join(pieces).strip()},
+                    {"role": "assistant", "content": reply},
                 ]
                 # Keep the stored history bounded (the prompt is trimmed again at each turn).
                 if len(self.history) > 40:
@@ -651,4 +719,4 @@ class Conversation:
                 self.llm.forget(self.messages("")[:-1])
 
 
-__all__ = ["Conversation", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
+__all__ = ["Conversation", "EchoGuard", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]

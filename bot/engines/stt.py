@@ -7,6 +7,7 @@ resampler first. The model is loaded once per process and shared; transcription 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Final
 import numpy as np
 
 from ..audio import pcm_to_float, resample
+from ..wording import words
 from . import ACTIVITY, EngineFailed, ModelUnavailable
 from .models import Resolved, resolve
 
@@ -38,6 +40,10 @@ HF_SIZES: Final = frozenset(
         "distil-large-v3",
     }
 )
+
+
+TOKENS_BASE: Final = 8  # the most tokens a transcript of an utterance may have: this many,
+TOKENS_PER_S: Final = 6  # and this many per second of audio
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,9 @@ class _ShortWindow:
         self._beam = options.beam_size
 
     def transcribe(self, audio: np.ndarray) -> str:
+        # Speech is ~3 words (~4 tokens) a second: a longer output is Whisper looping on noise
+        # or silence ("Can I talk to a person? Can I talk to a person? Can ..."): cut it off.
+        tokens = min(200, TOKENS_BASE + int(TOKENS_PER_S * len(audio) / WHISPER_RATE))
         samples = self._frames * 160
         padded = np.zeros(samples, dtype=np.float32)
         padded[: min(len(audio), samples)] = audio[:samples]
@@ -158,8 +167,22 @@ class _ShortWindow:
             encoded,
             [self._prompt],
             beam_size=self._beam,
-            max_length=min(448, len(self._prompt) + 200),
+            max_length=len(self._prompt) + tokens,
             suppress_blank=True,
             suppress_tokens=self._suppress,
         )[0]
-        return str(self._tokenizer.decode(result.sequences_ids[0])).strip()
+        return unlooped(str(self._tokenizer.decode(result.sequences_ids[0])).strip())
+
+
+def unlooped(text: str) -> str:
+    """``text`` without a sentence said again right after itself, or the start of one again
+    at the end: Whisper looping, not the caller repeating."""
+    kept: list[tuple[str, str]] = []  # (sentence, its words)
+    for sentence in re.findall(r"[^.!?]+[.!?]*", text):
+        key = " ".join(words(sentence))
+        if key and (not kept or key != kept[-1][1]):
+            kept.append((sentence, key))
+    cut_short = len(kept) > 1 and not re.search(r"[.!?]$", kept[-1][0].strip())
+    if cut_short and any(key.startswith(kept[-1][1]) for _, key in kept[:-1]):
+        kept.pop()
+    return "".join(sentence for sentence, _ in kept).strip()

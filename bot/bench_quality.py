@@ -1,0 +1,318 @@
+"""`voicebot bench quality`: does the bot understand the caller and answer right?
+
+One simulated call per condition (clean, u-law, pink noise, babble, a TV, at 20 and 10 dB SNR),
+each from another caller voice (never the bot's own), asks the shipped example business
+(``bot/knowledge/example.md``) what its callers ask: opening hours, the address, a price, a
+customer number spoken digit by digit (to be read back), Sunday opening, small talk, goodbye,
+and a person to talk to. Per condition and overall it reports:
+
+- answered turns (a reply heard, or the hand-over for the person),
+- facts right (every fact the question needs is in the reply),
+- replies that repeat the caller's words, and empty replies,
+- word error rate of the bot's own transcripts, next to the same STT model on the same audio
+  (what was sent, noise included) transcribed whole, offline, after the calls,
+- response latency p50/p95 and talk-overs, as ``voicebot bench calls`` measures them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from . import noise
+from .audio import float_to_pcm, frame_bytes, pcm_to_ulaw, ulaw_to_pcm
+from .bench_calls import summary
+from .calllog import list_calls, read_call
+from .scenarios import Voices
+from .simulator import CallerSimulator, CallReport
+from .subserver import serving
+from .wording import word_errors, words
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    text: str
+    # Facts the reply must hold: each a tuple of alternatives (words, in order), one of which.
+    facts: tuple[tuple[str, ...], ...] = ()
+    transfer: bool = False  # a person is asked for: the hand-over is the answer
+
+
+ASKS: Final = (
+    Ask("Hi, what are your opening hours on Saturday?", (("10",), ("4",))),
+    Ask("And where exactly is your shop?", (("42",), ("harbour", "harbor"))),
+    Ask("How much does a basic service cost?", (("45",),)),
+    Ask(
+        "My customer number is four seven one one. Can you check on my repair?",
+        (("4711", "4 7 1 1"),),
+    ),
+    Ask("Are you also open on Sundays?", (("closed", "not open", "no"),)),
+    Ask("Great. And how are you doing today?"),
+    Ask("Can I talk to a person, please?", transfer=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    name: str
+    background: str = ""  # a kind of noise.KINDS, or none
+    snr_db: float = 0.0
+    ulaw: bool = False
+
+
+CONDITIONS: Final = (
+    Condition("clean"),
+    Condition("ulaw", ulaw=True),
+    Condition("pink 20 dB", "pink", 20),
+    Condition("pink 10 dB", "pink", 10),
+    Condition("babble 20 dB", "babble", 20),
+    Condition("babble 10 dB", "babble", 10),
+    Condition("tv 20 dB", "tv", 20),
+    Condition("tv 10 dB", "tv", 10),
+)
+BACKGROUND_S: Final = 23.0  # a noise loop this long (it repeats under a longer call)
+# Other people's words, for babble and the TV's talker.
+CHATTER: Final = (
+    "I told him we would meet at the station after lunch, but he never came.",
+    "The soup here is really good, you should try it next time.",
+    "She has been working on that project for almost three years now.",
+    "Did you see the match last night? What a finish.",
+    "We are thinking about moving to the coast next spring.",
+    "The weather forecast says it will clear up by the afternoon.",
+)
+
+
+@dataclass(slots=True)
+class Call:
+    condition: Condition
+    voices: list[str]  # the caller voice of each turn
+    turns: list[bytes]  # as spoken (u-law'd for a u-law line), 8 kHz PCM
+    background: bytes
+
+
+def prepare(conditions: list[Condition], bot_voice: str, say: Any = print) -> list[Call]:
+    """Each condition's call; its turns go round every caller voice (never the bot's), so every
+    condition hears the same voices and differs only in the line."""
+    voices = Voices()
+    names = voices.available(bot_voice)
+    calls = []
+    for i, condition in enumerate(conditions):
+        said = [names[(i + k) % len(names)] for k in range(len(ASKS))]
+        say(f"  {condition.name}: voices {', '.join(said)}")
+        speech = [_with_quiet(voices.say(ask.text, v)) for ask, v in zip(ASKS, said, strict=True)]
+        background = np.zeros(0, np.float32)
+        if condition.background:
+            made = _background(condition.background, voices, names, seed=i)
+            background = noise.at_snr(made, noise.voiced_rms(speech), condition.snr_db)
+        turns = [float_to_pcm(x) for x in speech]
+        if condition.ulaw:
+            turns = [ulaw_to_pcm(pcm_to_ulaw(pcm)) for pcm in turns]
+        calls.append(Call(condition, said, turns, float_to_pcm(background)))
+    return calls
+
+
+def _with_quiet(x: np.ndarray) -> np.ndarray:
+    """A little silence around the speech, as a phone line has."""
+    return np.concatenate([np.zeros(800, np.float32), x, np.zeros(800, np.float32)])
+
+
+def _background(kind: str, voices: Voices, others: list[str], seed: int) -> Any:
+    if kind == "pink":
+        return noise.pink(BACKGROUND_S, seed)
+    if kind == "babble":
+        talkers = [voices.say(text, others[k % len(others)]) for k, text in enumerate(CHATTER)]
+        return noise.babble(talkers, BACKGROUND_S, seed)
+    talker = np.concatenate([voices.say(text, others[seed % len(others)]) for text in CHATTER])
+    return noise.tv(talker, BACKGROUND_S, seed)
+
+
+async def _place(port: int, calls: list[Call], concurrency: int, say: Any) -> list[Any]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(call: Call) -> tuple[CallReport, CallerSimulator]:
+        async with sem:
+            sim = CallerSimulator(
+                "127.0.0.1",
+                port,
+                call.turns,
+                greeting_wait=4.0,
+                quiet=1.2,
+                answer_timeout=12.0,
+                record=False,
+                background=call.background,
+            )
+            report = await sim.run()
+            heard = sum(t.response_latency_ms is not None for t in report.turns)
+            say(f"  {call.condition.name}: {heard}/{len(report.turns)} turns answered")
+            return report, sim
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
+def run(
+    conditions: list[Condition] | None = None,
+    *,
+    concurrency: int = 1,
+    env: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from .config import load
+    from .engines.stack import options
+    from .engines.stt import WhisperStt
+
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    settings = load(environ={**(env or {})})
+    stt_options, _, tts_options = options(settings.models)
+    conditions = list(conditions or CONDITIONS)
+    say(f"bench quality: making {len(conditions)} calls' caller audio ...")
+    calls = prepare(conditions, tts_options.voice, say)
+    logs = Path(tempfile.mkdtemp(prefix="voicebot-quality-"))
+    say("bench quality: starting the server (loading and warming the engines) ...")
+    server_env = {
+        "VOICEBOT_LIMITS_MAX_CALLS": str(2 * concurrency + 2),
+        **(env or {}),
+        "VOICEBOT_CALLS_DIR": str(logs),
+    }
+    start = time.monotonic()
+    with serving("assistant", server_env) as port:
+        placed = asyncio.run(_place(port, calls, concurrency, say))
+    wall = time.monotonic() - start
+    say("bench quality: transcribing each turn's audio whole, offline ...")
+    stt = WhisperStt(stt_options, progress=False)
+    records = [read_call(f) for f in list_calls(logs)]
+    logged = {r.start.get("uuid"): r.events for r in records}
+    rows = []
+    for call, (report, sim) in zip(calls, placed, strict=True):
+        events = logged.get(report.uuid, [])
+        rows += _score(call, report, sim, events, stt)
+    return _result(rows, conditions, wall, logs, concurrency)
+
+
+def _score(
+    call: Call, report: CallReport, sim: CallerSimulator, events: list[dict[str, Any]], stt: Any
+) -> list[dict[str, Any]]:
+    """One row per caller turn: what was said, heard (in the call and offline), answered."""
+    turns = [e for e in events if e["event"] == "turn"]
+    transfer = any(e["event"].startswith("transfer") for e in events)
+    size = frame_bytes(8000)
+    rows = []
+    used = -1
+    for ask, voice, pcm, result in zip(ASKS, call.voices, call.turns, report.turns, strict=False):
+        # The bot's turn for this one: the next logged turn whose words are nearest.
+        best, best_wer = None, 2.0
+        for k in range(used + 1, len(turns)):
+            errors, n = word_errors(ask.text, turns[k]["transcript"])
+            if errors / max(1, n) < best_wer:
+                best, best_wer = k, errors / max(1, n)
+        logged = turns[best] if best is not None and best_wer < 0.9 else None
+        if logged is not None and best is not None:
+            used = best
+        sent = sim.sent_audio[result.first_frame * size :][: len(pcm)]
+        offline = stt.transcribe(bytes(sent), 8000).text
+        reply = logged["reply"] if logged else ""
+        heard = logged["transcript"] if logged else ""
+        answered = (
+            (transfer and logged is not None)
+            if ask.transfer
+            else result.response_latency_ms is not None
+        )
+        rows.append(
+            {
+                "condition": call.condition.name,
+                "voice": voice,
+                "said": ask.text,
+                "heard": heard,
+                "offline": offline,
+                "reply": reply,
+                "answered": answered,
+                "facts": len(ask.facts),
+                "facts_right": _facts_right(ask, reply),
+                "repeats": bool(reply) and _repeats(heard, reply),
+                "empty": logged is not None and not ask.transfer and not reply.strip(),
+                "errors": word_errors(ask.text, heard),
+                "offline_errors": word_errors(ask.text, offline),
+                "latency_ms": result.response_latency_ms,
+                "talk_over": result.talk_over_frames > 0,
+            }
+        )
+    return rows
+
+
+def _facts_right(ask: Ask, reply: str) -> bool:
+    said = " " + " ".join(words(reply)) + " "
+    return all(any(f" {' '.join(words(alt))} " in said for alt in alts) for alts in ask.facts)
+
+
+def _repeats(heard: str, reply: str) -> bool:
+    caller = words(heard)
+    return len(caller) >= 3 and words(reply)[: min(4, len(caller))] == caller[:4]
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [r["latency_ms"] for r in rows if r["latency_ms"] is not None]
+    with_facts = [r for r in rows if r["facts"]]
+    errors = sum(r["errors"][0] for r in rows)
+    offline = sum(r["offline_errors"][0] for r in rows)
+    n_words = sum(r["errors"][1] for r in rows)
+    return {
+        "turns": len(rows),
+        "answered": sum(r["answered"] for r in rows),
+        "fact_questions": len(with_facts),
+        "facts_right": sum(r["facts_right"] for r in with_facts),
+        "repeats": sum(r["repeats"] for r in rows),
+        "empty": sum(r["empty"] for r in rows),
+        "talk_overs": sum(r["talk_over"] for r in rows),
+        "wer": round(errors / max(1, n_words), 3),
+        "offline_wer": round(offline / max(1, n_words), 3),
+        "latency_ms": summary(latencies),
+    }
+
+
+def _result(
+    rows: list[dict[str, Any]],
+    conditions: list[Condition],
+    wall: float,
+    logs: Path,
+    concurrency: int,
+) -> dict[str, Any]:
+    per = {c.name: _aggregate([r for r in rows if r["condition"] == c.name]) for c in conditions}
+    return {
+        "concurrency": concurrency,
+        "conditions": per,
+        "overall": _aggregate(rows),
+        "wall_s": round(wall, 1),
+        "turns": rows,
+        "logs": str(logs),
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    head = (
+        f"{'condition':<14} {'answered':>9} {'facts':>7} {'repeat':>6} {'empty':>5} "
+        f"{'WER':>5} {'offline':>7} {'p50 ms':>7} {'p95 ms':>7} {'talk-over':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, a in [*result["conditions"].items(), ("overall", result["overall"])]:
+        lat = a["latency_ms"]
+        lines.append(
+            f"{name:<14} {a['answered']:>4}/{a['turns']:<4} "
+            f"{a['facts_right']:>3}/{a['fact_questions']:<3} {a['repeats']:>6} {a['empty']:>5} "
+            f"{a['wer'] * 100:>4.0f}% {a['offline_wer'] * 100:>6.0f}% "
+            f"{lat.get('p50', '-'):>7} {lat.get('p95', '-'):>7} {a['talk_overs']:>9}"
+        )
+    lines.append(
+        f"concurrency {result['concurrency']}, {result['wall_s']} s; call logs: {result['logs']}"
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["ASKS", "CONDITIONS", "Condition", "render", "run"]

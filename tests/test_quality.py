@@ -1,0 +1,69 @@
+"""`voicebot bench quality`: its lines (noise at a set SNR), its scoring, and one real call."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bot import bench_quality, noise
+from bot.bench_quality import ASKS, Ask, _facts_right, _repeats
+
+
+def band_power(x: np.ndarray, lo: float, hi: float) -> float:
+    spectrum = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1 / 8000)
+    return float(spectrum[(freqs >= lo) & (freqs < hi)].sum())
+
+
+def test_pink_noise_has_equal_power_per_octave_inside_the_phone_band() -> None:
+    x = noise.pink(10.0, seed=1)
+    octaves = [band_power(x, f, 2 * f) for f in (400, 800, 1600)]
+    assert max(octaves) / min(octaves) < 1.6  # within 2 dB
+    assert band_power(x, 0, 290) == pytest.approx(0, abs=1e-6 * sum(octaves))
+
+
+def test_a_background_is_scaled_to_the_snr_under_the_callers_speech() -> None:
+    t = np.arange(16000) / 8000
+    speech = [np.concatenate([np.zeros(4000), 0.2 * np.sin(2 * np.pi * 300 * t)])]
+    rms = noise.voiced_rms(speech)  # the silent half does not count
+    assert rms == pytest.approx(0.2 / np.sqrt(2), rel=0.01)
+    for made in (noise.pink(3.0, 2), noise.babble([speech[0], speech[0][::-1]], 3.0, 3)):
+        quiet = noise.at_snr(made, rms, 10.0)
+        level = float(np.sqrt(np.mean(quiet.astype(np.float64) ** 2)))
+        assert 20 * np.log10(rms / level) == pytest.approx(10.0, abs=0.01)
+    tv = noise.tv(speech[0], 3.0, seed=4)
+    assert len(tv) == 24000 and np.sqrt(np.mean(tv**2)) == pytest.approx(1.0)
+
+
+def test_a_reply_is_scored_on_the_facts_it_holds() -> None:
+    hours, address, number = ASKS[0], ASKS[1], ASKS[3]
+    assert _facts_right(hours, "On Saturday we are open from 10 am to 4 pm.")
+    assert not _facts_right(hours, "On Saturday we open at 10 am.")  # the closing time is missing
+    assert not _facts_right(hours, "We open at 104.")  # a fact is a whole word
+    assert _facts_right(address, "We are at 42 Harbour Road, by the station.")
+    assert _facts_right(number, "Your customer number is 4 7 1 1.")
+    assert _facts_right(number, "Your customer number is four seven one one.")
+    assert _facts_right(Ask("How are you?"), "Fine, thanks.")  # no facts asked
+
+
+def test_a_reply_that_says_the_callers_words_back_is_a_repeat() -> None:
+    heard = "I would like to cancel my subscription, please."
+    assert _repeats(heard, "I would like to cancel my subscription, please.")
+    assert not _repeats(heard, "Of course, I can help you cancel it.")
+    assert not _repeats("Thanks, bye.", "Thanks, bye!")  # a short goodbye may be said back
+
+
+def test_bench_quality_places_a_real_call_and_scores_it() -> None:
+    clean = [c for c in bench_quality.CONDITIONS if c.name == "clean"]
+    result = bench_quality.run(clean, progress=False)
+    json.dumps(result)  # what --json prints
+    row = result["conditions"]["clean"]
+    assert row["turns"] == len(ASKS) and row["answered"] >= len(ASKS) - 1
+    assert row["repeats"] == 0 and row["empty"] == 0
+    assert row["wer"] <= row["offline_wer"] + 0.1  # the pipeline loses no words
+    assert row["fact_questions"] == sum(bool(a.facts) for a in ASKS)
+    assert all(t["voice"] != "kokoro:jm_kumo" for t in result["turns"])  # never the bot's voice
+    table = bench_quality.render(result)
+    assert table.splitlines()[2].startswith("clean") and "overall" in table
