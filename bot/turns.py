@@ -19,15 +19,15 @@ arrival time; it does no I/O and knows nothing about engines, so it is tested fr
   the scenario set's 400 ms breath after a comma is 500-580 ms between voiced frames, the
   voices' own silence around the comma included; at 500 ms the bot answered into it).
 - **Noise.** A caller in a cafe or beside a TV is heard over a background the VAD takes for
-  speech (babble *is* speech). :class:`NoiseFloor` follows the line's background level (the
-  quietest frames of the last seconds: a room's noise stays, speech comes and goes), and a
-  frame counts as the caller's voice only if the VAD says speech *and* it is ``noise_margin_db``
-  above that floor: the caller is nearer the phone than the room. On a quiet line the floor is
-  far below speech and changes nothing. The floor is the median level of the last 4 s heard
-  between turns (a turn's own frames would raise it to the caller's voice); inside a turn the
-  margin is ``noise_hold_db`` lower, so a word's weaker end does not split the turn. On the
-  quality bench's noisy lines (pink noise, babble, a TV, at 20 and 10 dB SNR) 36 of 42 turns
-  got exactly one endpoint with Silero and the gate, 33 with webrtcvad and the gate, 13 with
+  speech (babble *is* speech). :class:`NoiseFloor` follows the line's background level (a
+  room's noise stays, the caller's speech comes and goes), and a frame counts as the caller's
+  voice only if the VAD says speech *and* it is ``noise_margin_db`` above that floor: the
+  caller is nearer the phone than the room. On a quiet line the floor is far below speech and
+  changes nothing. The floor is the median level of the last 4 s heard between turns (a turn's
+  own frames would raise it to the caller's voice); inside a turn the margin is
+  ``noise_hold_db`` lower, so a word's weaker end does not split the turn. On the quality
+  bench's noisy lines (pink noise, babble, a TV, at 20 and 10 dB SNR) 36 of 42 turns got
+  exactly one endpoint with Silero and the gate, 33 with webrtcvad and the gate, 13 with
   webrtcvad alone (the rest: a turn split at a sentence's pause, or run on into the noise).
 - **Too short, too long.** A turn with less than ``min_speech_ms`` of voiced audio is dropped
   (coughs); one longer than ``max_utterance_s`` ends at once so a monologue still gets an answer.
@@ -46,7 +46,7 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from .audio import FRAME_MS
+from .audio import FRAME_MS, rms_dbfs
 
 __all__ = [
     "BargeIn",
@@ -146,13 +146,11 @@ class NoiseFloor:
         self.level = float(np.percentile(self._levels, self._percentile))
 
 
-SILENT_DBFS: Final = -96.0
+SILENT_DBFS: Final = -96.0  # digital silence, as a level a percentile can take
 
 
 def level_dbfs(pcm: bytes) -> float:
-    x = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
-    power = float(np.mean(x * x)) / (32768.0 * 32768.0) if len(x) else 0.0
-    return 10 * np.log10(power) if power > 1e-10 else SILENT_DBFS
+    return max(rms_dbfs(pcm), SILENT_DBFS)
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -624,13 +624,11 @@ class EchoGuard:
         self._held.append(piece)
         text = "".join(self._held)
         said = words(text)
-        user = self._user[: len(said)]
-        partial = text[-1:].isalnum() and said  # the last word may go on
-        if said[:-1] != user[:-1] or not (
-            said[-1:] == user[-1:] or (partial and user[-1:] and user[-1].startswith(said[-1]))
-        ):
+        # The last word may go on ("canc" of "cancel") while the text ends inside it.
+        whole, tail = (said[:-1], said[-1]) if said and text[-1:].isalnum() else (said, "")
+        following = self._user[len(whole)] if len(whole) < len(self._user) else ""
+        if whole != self._user[: len(whole)] or not following.startswith(tail):
             return self.flush()
-        whole = said[:-1] if partial else said
         if len(whole) >= min(ECHO_WORDS, len(self._user)):
             self.deciding, self.echo, self._held = False, True, []
         return []
