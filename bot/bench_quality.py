@@ -17,6 +17,7 @@ and a person to talk to. Per condition and overall it reports:
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -170,7 +171,8 @@ def run(
         if progress:
             print(message, file=sys.stderr, flush=True)
 
-    settings = load(environ={**(env or {})})
+    # The server's environment: the same models (the offline STT, the bot's voice) as it.
+    settings = load(environ={**os.environ, **(env or {})})
     stt_options, _, tts_options = options(settings.models)
     conditions = list(conditions or CONDITIONS)
     say(f"bench quality: making {len(conditions)} calls' caller audio ...")
