@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,3 +69,14 @@ def test_bench_quality_places_a_real_call_and_scores_it() -> None:
     assert all(t["voice"] != "kokoro:jm_kumo" for t in result["turns"])  # never the bot's voice
     table = bench_quality.render(result)
     assert table.splitlines()[2].startswith("clean") and "overall" in table
+
+
+def test_an_unknown_condition_is_named_before_anything_loads() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bot", "bench", "quality", "--conditions", "clean,cafe"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--conditions: unknown cafe (known: clean, ulaw," in done.stdout
