@@ -395,6 +395,22 @@ async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> 
     return list(await runs)
 
 
+def _bench_quality(args: argparse.Namespace) -> int:
+    from . import bench_quality
+
+    env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+    known = {c.name: c for c in bench_quality.CONDITIONS}
+    if unknown := [name for name in args.conditions if name not in known]:
+        print(f"--conditions: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+        return 2
+    chosen = [known[name] for name in args.conditions]
+    result = bench_quality.run(
+        chosen, concurrency=args.concurrency, env=env, progress=not args.json
+    )
+    print(json.dumps(result, indent=2) if args.json else bench_quality.render(result))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "calls":
         from . import bench_calls
@@ -409,19 +425,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
         return 0
     if args.what == "quality":
-        from . import bench_quality
-
-        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
-        known = {c.name: c for c in bench_quality.CONDITIONS}
-        if unknown := [name for name in args.conditions if name not in known]:
-            print(f"--conditions: unknown {', '.join(unknown)} (known: {', '.join(known)})")
-            return 2
-        chosen = [known[name] for name in args.conditions]
-        result = bench_quality.run(
-            chosen, concurrency=args.concurrency, env=env, progress=not args.json
-        )
-        print(json.dumps(result, indent=2) if args.json else bench_quality.render(result))
-        return 0
+        return _bench_quality(args)
     if args.what == "soak":
         from . import bench_soak
 
