@@ -212,7 +212,7 @@ Profile = EchoProfile | AssistantProfile
 class TurnSettingsConfig:
     """Turn detection (see bot/turns.py)."""
 
-    vad: str = _setting("silero", _one_of("webrtc", "silero"), "voice activity detector")
+    vad: str = _setting("webrtc", _one_of("webrtc", "silero"), "voice activity detector")
     vad_mode: int = _setting(3, _range(0, 3), "webrtcvad aggressiveness (3: strictest)")
     noise_margin_db: float = _setting(
         8.0, _range(0, 40), "caller speech is this much above the line's background (0: off)"

@@ -20,7 +20,7 @@ def test_defaults_are_safe() -> None:
     assert s.server.host == "127.0.0.1"  # never listen on every interface unless told to
     assert s.server.port == 9092
     assert s.server.profile == "assistant" and s.profile("echo").delay_ms == 500
-    assert s.profile("assistant").barge_in is False and s.turns.vad == "silero"
+    assert s.profile("assistant").barge_in is False and s.turns.vad == "webrtc"
     assert s.playout.lead_frames == 3
 
 
