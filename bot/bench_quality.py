@@ -203,29 +203,20 @@ def _score(
     call: Call, report: CallReport, sim: CallerSimulator, events: list[dict[str, Any]], stt: Any
 ) -> list[dict[str, Any]]:
     """One row per caller turn: what was said, heard (in the call and offline), answered."""
-    turns = [e for e in events if e["event"] == "turn"]
     transfer = any(e["event"].startswith("transfer") for e in events)
+    heard_in = _turns_heard(events, [r.speech_start for r in report.turns])
     size = frame_bytes(8000)
     rows = []
-    used = -1
-    for ask, voice, pcm, result in zip(ASKS, call.voices, call.turns, report.turns, strict=False):
-        # The bot's turn for this one: the next logged turn whose words are nearest.
-        best, best_wer = None, 2.0
-        for k in range(used + 1, len(turns)):
-            errors, n = word_errors(ask.text, turns[k]["transcript"])
-            if errors / max(1, n) < best_wer:
-                best, best_wer = k, errors / max(1, n)
-        logged = turns[best] if best is not None and best_wer < 0.9 else None
-        if logged is not None and best is not None:
-            used = best
+    for ask, voice, pcm, result, logged in zip(
+        ASKS, call.voices, call.turns, report.turns, heard_in, strict=False
+    ):
         sent = sim.sent_audio[result.first_frame * size :][: len(pcm)]
         offline = stt.transcribe(bytes(sent), 8000).text
-        reply = logged["reply"] if logged else ""
-        heard = logged["transcript"] if logged else ""
+        heard = " ".join(e["transcript"] for e in logged)
+        replies = [e["reply"] for e in logged]
+        reply = " ".join(r for r in replies if r)
         answered = (
-            (transfer and logged is not None)
-            if ask.transfer
-            else result.response_latency_ms is not None
+            (transfer and bool(logged)) if ask.transfer else result.response_latency_ms is not None
         )
         rows.append(
             {
@@ -238,8 +229,8 @@ def _score(
                 "answered": answered,
                 "facts": len(ask.facts),
                 "facts_right": _facts_right(ask, reply),
-                "repeats": bool(reply) and _repeats(heard, reply),
-                "empty": logged is not None and not ask.transfer and not reply.strip(),
+                "repeats": any(_repeats(e["transcript"], e["reply"]) for e in logged),
+                "empty": bool(logged) and not ask.transfer and not any(r.strip() for r in replies),
                 "errors": word_errors(ask.text, heard),
                 "offline_errors": word_errors(ask.text, offline),
                 "latency_ms": result.response_latency_ms,
@@ -247,6 +238,16 @@ def _score(
             }
         )
     return rows
+
+
+def _turns_heard(events: list[dict[str, Any]], starts: list[float]) -> list[list[dict[str, Any]]]:
+    """The bot's logged turns of each caller turn: those logged from when the caller began it
+    until the next began (a turn the bot split in two is both parts, in order)."""
+    ends = [*starts[1:], float("inf")]
+    turns = [e for e in events if e["event"] == "turn"]
+    return [
+        [e for e in turns if start <= e["t"] < end] for start, end in zip(starts, ends, strict=True)
+    ]
 
 
 def _facts_right(ask: Ask, reply: str) -> bool:

@@ -61,7 +61,9 @@ class TurnResult:
     first_frame: int = 0  # the index of the first frame sent that carries the turn
     response_latency_ms: float | None = None  # None: the bot did not answer (a missed answer)
     reply_seconds: float = 0.0
-    talk_over_frames: int = 0  # bot frames with sound that arrived while the caller spoke
+    # Bot frames with sound that arrived while the caller spoke: from the turn's first sound to
+    # its last (a pause inside it included, the quiet after its last word not).
+    talk_over_frames: int = 0
     longest_gap_ms: float = 0.0  # the longest silence inside the reply (a stall mid-answer)
 
 
@@ -159,6 +161,7 @@ class CallerSimulator:
         self._conn = proto.Connection(proto.Role.CLIENT)
         self._t0 = 0.0
         self._speaking: bytearray = bytearray()  # audio of the turn being spoken, not yet sent
+        self._first_voiced_tx: float | None = None
         self._last_voiced_tx: float | None = None
         self._last_voiced_rx: float | None = None
         self.voiced_rx_times: list[float] = []  # arrival of every frame with sound in it
@@ -234,6 +237,8 @@ class CallerSimulator:
                 del self._speaking[:size]
                 frame += bytes(size - len(frame))
                 if not is_silent(frame):
+                    if self._first_voiced_tx is None:
+                        self._first_voiced_tx = now
                     self._last_voiced_tx = now
                 if not self._speaking:
                     self._turn_done.set()
@@ -274,18 +279,12 @@ class CallerSimulator:
                         self.voiced_rx_times.append(t)
                         self._last_voiced_rx = t
                         self._voiced_rx.set()
-                        if self._speaking:
-                            self._count_talk_over()
                 elif isinstance(event, proto.Hangup):
                     self.report.hangup_frame = True
                     self._bot_hung_up.set()
                     return
                 elif isinstance(event, proto.Closed):
                     return
-
-    def _count_talk_over(self) -> None:
-        if self.report.turns:
-            self.report.turns[-1].talk_over_frames += 1
 
     async def _script(self) -> None:
         if self.turns and self.greeting_wait > 0:
@@ -313,7 +312,7 @@ class CallerSimulator:
 
     async def _speak(self, index: int, pcm: bytes) -> TurnResult:
         self._turn_done.clear()
-        self._last_voiced_tx = None
+        self._first_voiced_tx = self._last_voiced_tx = None
         result = TurnResult(
             index=index,
             speech_start=round(self.now(), 3),
@@ -325,6 +324,10 @@ class CallerSimulator:
         await self._turn_done.wait()
         end = self._last_voiced_tx if self._last_voiced_tx is not None else self.now()
         result.speech_end = round(end, 4)
+        if self._first_voiced_tx is not None:
+            lo = bisect.bisect_left(self.voiced_rx_times, self._first_voiced_tx)
+            hi = bisect.bisect_right(self.voiced_rx_times, end + FRAME_SECONDS)
+            result.talk_over_frames = hi - lo
         return result
 
     async def _wait_for_reply(self, within: float, *, after: float | None = None) -> float | None:

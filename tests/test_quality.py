@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bot import bench_quality, noise
-from bot.bench_quality import ASKS, Ask, _facts_right, _repeats
+from bot.bench_quality import ASKS, Ask, _facts_right, _repeats, _turns_heard
+from bot.scenarios import phone_band
 
 
 def band_power(x: np.ndarray, lo: float, hi: float) -> float:
@@ -55,6 +56,41 @@ def test_a_reply_that_says_the_callers_words_back_is_a_repeat() -> None:
     assert _repeats(heard, "I would like to cancel my subscription, please.")
     assert not _repeats(heard, "Of course, I can help you cancel it.")
     assert not _repeats("Thanks, bye.", "Thanks, bye!")  # a short goodbye may be said back
+
+
+def test_each_caller_turn_is_scored_on_what_the_bot_logged_while_it_was_the_callers() -> None:
+    def turn(t: float, heard: str) -> dict[str, object]:
+        return {"t": t, "event": "turn", "transcript": heard, "reply": "ok"}
+
+    events = [
+        {"t": 0.0, "event": "greeting"},
+        turn(6.0, "what are your hours"),
+        {"t": 9.0, "event": "reply_ahead_dropped", "transcript": "my"},
+        turn(10.0, "my number is"),  # the bot split the second turn at a pause
+        turn(11.5, "4711"),
+        turn(20.0, "bye"),
+    ]
+    heard = _turns_heard(events, [4.0, 9.5, 15.0])
+    assert [[e["transcript"] for e in turns] for turns in heard] == [
+        ["what are your hours"],
+        ["my number is", "4711"],
+        ["bye"],
+    ]
+    assert _turns_heard(events[:2], [4.0, 9.5]) == [[events[1]], []]  # a turn never heard
+
+
+def test_the_phone_band_keeps_speech_frequencies_and_a_pause_stays_quiet() -> None:
+    t = np.arange(8000) / 8000
+    burst = np.concatenate([np.zeros(8000), 0.5 * np.sin(2 * np.pi * 1000 * t), np.zeros(8000)])
+    out = phone_band(burst, 8000)
+    level = float(np.sqrt(np.mean(out[10000:14000] ** 2)))
+    assert level == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+    # Quiet 30 ms away from the sound, on both sides (a brick wall left -45 dBFS everywhere).
+    for quiet in (out[:7760], out[16240:]):
+        assert np.max(np.abs(quiet)) < 10 ** (-80 / 20)
+    for hz in (100, 3800):
+        tone = phone_band(0.5 * np.sin(2 * np.pi * hz * t), 8000)[2000:6000]
+        assert np.sqrt(np.mean(tone**2)) < 0.5 * 10 ** (-40 / 20)
 
 
 def test_bench_quality_places_a_real_call_and_scores_it() -> None:

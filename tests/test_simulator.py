@@ -87,10 +87,8 @@ def test_dtmf_is_injected_as_asterisk_does_and_reaches_the_call_log(calls_dir: P
     assert events[-1]["reason"] == "caller hung up"
 
 
-def test_response_latency_is_measured_from_the_end_of_speech(calls_dir: Path) -> None:
-    """A scripted bot answers 400 ms after the caller's last voiced frame arrived."""
-    settings = make_settings(calls_dir)
-    answer_after = 0.4
+def answering_bot(settings: Any, after: float) -> Any:
+    """A session handler whose call answers a 0.5 s tone ``after`` seconds into each pause."""
 
     async def answers(call: Call) -> None:
         heard_speech = False
@@ -100,13 +98,21 @@ def test_response_latency_is_measured_from_the_end_of_speech(calls_dir: Path) ->
                 heard_speech = True
             elif heard_speech:
                 # Speech ended one frame ago: answer after the rest of the pause.
-                await call.play(silence(8000, answer_after - 0.02) + tone(700, 0.5))
+                await call.play(silence(8000, after - 0.02) + tone(700, 0.5))
                 heard_speech = False
 
     async def handle(session: Session) -> None:
         await Call(session, "t", settings.profile("echo"), settings, behaviour=answers).run()
 
+    return handle
+
+
+def test_response_latency_is_measured_from_the_end_of_speech(calls_dir: Path) -> None:
+    """A scripted bot answers 400 ms after the caller's last voiced frame arrived."""
+    settings = make_settings(calls_dir)
+    answer_after = 0.4
     turns = [tone(400, 0.6), tone(500, 0.8)]
+    handle = answering_bot(settings, answer_after)
     sim = run_call(settings, {"turns": turns, "greeting_wait": 0.2, "quiet": 0.4}, handle)
     results = sim.report.turns
     assert len(results) == 2
@@ -117,6 +123,22 @@ def test_response_latency_is_measured_from_the_end_of_speech(calls_dir: Path) ->
         assert 0.4 <= r.reply_seconds <= 0.6
         assert r.talk_over_frames == 0
     assert results[1].speech_start > results[0].speech_end + 0.4  # waited for the reply
+
+
+def test_a_talk_over_is_the_bot_speaking_between_the_callers_first_and_last_sound(
+    calls_dir: Path,
+) -> None:
+    """An answer into a pause inside the turn talks over the caller; one into the quiet after
+    the last word (still sent as part of the turn: a voice's silent tail) does not."""
+    settings = make_settings(calls_dir)
+    paused = tone(400, 0.5) + silence(8000, 0.7) + tone(500, 0.6)
+    tail = tone(400, 0.6) + silence(8000, 1.2)
+    handle = answering_bot(settings, 0.3)
+    sim = run_call(settings, {"turns": [paused, tail], "greeting_wait": 0.2, "quiet": 0.4}, handle)
+    into_pause, after_tail = sim.report.turns
+    assert into_pause.talk_over_frames >= 10  # the bot's 0.5 s tone over the second tone
+    assert after_tail.talk_over_frames == 0
+    assert after_tail.response_latency_ms is not None and after_tail.response_latency_ms < 600
 
 
 def mute_bot(settings: Any) -> Any:
