@@ -404,9 +404,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
         print(f"--conditions: unknown {', '.join(unknown)} (known: {', '.join(known)})")
         return 2
     chosen = [known[name] for name in args.conditions]
-    result = bench_quality.run(
-        chosen, concurrency=args.concurrency, env=env, progress=not args.json
-    )
+    result = bench_quality.run(chosen, concurrency=args.concurrency, env=env, progress=True)
     print(json.dumps(result, indent=2) if args.json else bench_quality.render(result))
     return 0
 
@@ -420,7 +418,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.calls[0] if args.calls != [1, 20] else 8,
             args.concurrency,
             env=env,
-            progress=not args.json,
+            progress=True,
         )
         print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
         return 0
@@ -435,14 +433,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.concurrency if args.concurrency != 1 else 4,
             profile=args.profile,
             env=env,
-            progress=not args.json,
+            progress=True,
         )
         print(json.dumps(result, indent=2) if args.json else bench_soak.render(result))
         return 0 if result["flat"] else 1
     if args.what == "engines":
         from . import bench_engines
 
-        results = bench_engines.run_all(_load_settings(args).models, progress=not args.json)
+        results = bench_engines.run_all(_load_settings(args).models, progress=True)
         print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
         return 1 if any("error" in r for r in results) else 0
     from .subserver import serving

@@ -678,10 +678,12 @@ class Conversation:
         return [{"role": "system", "content": self.system_prompt}, *msgs]
 
     def earlier_replies(self, user_text: str) -> list[str]:
-        """What the bot said in this call to other questions than ``user_text``."""
-        asked = words(user_text)
-        pairs = zip(self.history[::2], self.history[1::2], strict=False)
-        return [a["content"] for u, a in pairs if words(u["content"]) != asked]
+        """The bot's last reply in this call, unless it answered ``user_text`` itself (asked
+        again, the same answer is right). Only the last: holding a reply while it starts
+        like any earlier one held many ("The business is ...") for a few tokens each."""
+        if len(self.history) < 2 or words(self.history[-2]["content"]) == words(user_text):
+            return []
+        return [self.history[-1]["content"]]
 
     def reply(
         self,
