@@ -202,37 +202,6 @@ def test_echo_guard_holds_only_what_repeats_the_caller() -> None:
     assert short.feed("Thanks") == ["Thanks"]
 
 
-def test_a_reply_stuck_on_an_earlier_answer_is_answered_again_without_the_history() -> None:
-    stuck = ["Greenway Bikes,", " a bicycle shop", " and repair workshop."]
-    llm = Scripted(list(stuck), list(stuck), ["We are closed", " on Sundays."])
-    conv = Conversation(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
-    assert "".join(conv.reply("Hi, who is this?")) == "".join(stuck)
-    assert "".join(conv.reply("Are you open on Sundays?")) == "We are closed on Sundays."
-    retry = llm.prompts[2]
-    assert [m["role"] for m in retry] == ["system", "user"]  # not the history it copied
-    assert retry[1]["content"].startswith("Are you open on Sundays?\n(")
-
-
-def test_an_answer_asked_for_again_may_be_said_again() -> None:
-    answer = ["We are open", " from 10 am", " to 4 pm", " on Saturday."]
-    llm = Scripted(list(answer), list(answer))
-    conv = Conversation(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
-    for _ in range(2):
-        assert "".join(conv.reply("What are your hours on Saturday?")) == "".join(answer)
-    assert len(llm.prompts) == 2
-
-
-def test_echo_guard_holds_what_repeats_an_earlier_reply_until_it_differs() -> None:
-    guard = EchoGuard("Where is your shop?", ["I'm sorry, but I can't help with that."])
-    assert guard.feed("I'm sorry,") == [] and guard.feed(" but I") == []
-    assert guard.feed(" do not know.") == ["I'm sorry,", " but I", " do not know."]
-    assert not guard.echo
-    stuck = EchoGuard("Where is your shop?", ["I'm sorry, but I can't help with that."])
-    for piece in ["I'm sorry,", " but I", " can't help", " with"]:
-        assert stuck.feed(piece) == []
-    assert stuck.echo  # six words of the earlier reply
-
-
 def test_a_reply_with_nothing_said_leaves_no_trace() -> None:
     llm = Scripted([])
     conv = Conversation(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]

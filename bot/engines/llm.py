@@ -31,7 +31,7 @@ import ctypes
 import functools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -603,32 +603,18 @@ class LlamaLlm:
 
 ECHO_MIN_WORDS: Final = 3  # a caller's shorter turn ("Thanks, bye.") may well be said back
 ECHO_WORDS: Final = 4  # a reply whose first words are the caller's first this many is an echo
-# A reply whose first words are an earlier reply's first this many (or all of a shorter one),
-# to another question, is the model stuck on what it said before: a small model that once said
-# "Greenway Bikes, a bicycle shop" to a misheard turn says it to every turn after.
-REPEAT_WORDS: Final = 6
-ANSWER_REMINDER: Final = (
-    "(Answer this in your own words, from the facts: do not repeat what the caller said or an "
-    "earlier answer.)"
-)
+ANSWER_REMINDER: Final = "(Answer the caller in your own words; do not repeat what they said.)"
 
 
 class EchoGuard:
-    """Holds a reply's first pieces while they repeat the start of what must not be said back
-    (the caller's words; replies given earlier in the call): released as soon as the reply
-    says something else, dropped (``echo``) once it has repeated enough of one of them."""
+    """Holds a reply's first pieces while they repeat the caller's first words: released as
+    soon as the reply says something else, dropped (``echo``) once it has repeated
+    ``ECHO_WORDS`` of them."""
 
-    def __init__(self, user_text: str, earlier: Sequence[str] = ()) -> None:
-        caller = words(user_text)
-        self._sources = (
-            [(caller, min(ECHO_WORDS, len(caller)))] if len(caller) >= ECHO_MIN_WORDS else []
-        )
-        for reply in earlier:
-            said = words(reply)
-            if len(said) >= ECHO_MIN_WORDS:
-                self._sources.append((said, min(REPEAT_WORDS, len(said))))
+    def __init__(self, user_text: str) -> None:
+        self._user = words(user_text)
         self._held: list[str] = []
-        self.deciding = bool(self._sources)
+        self.deciding = len(self._user) >= ECHO_MIN_WORDS
         self.echo = False
 
     def feed(self, piece: str) -> list[str]:
@@ -640,15 +626,10 @@ class EchoGuard:
         said = words(text)
         # The last word may go on ("canc" of "cancel") while the text ends inside it.
         whole, tail = (said[:-1], said[-1]) if said and text[-1:].isalnum() else (said, "")
-        alive = [
-            (source, needed)
-            for source, needed in self._sources
-            if whole == source[: len(whole)]
-            and (source[len(whole)] if len(whole) < len(source) else "").startswith(tail)
-        ]
-        if not alive:
+        following = self._user[len(whole)] if len(whole) < len(self._user) else ""
+        if whole != self._user[: len(whole)] or not following.startswith(tail):
             return self.flush()
-        if any(len(whole) >= needed for _, needed in alive):
+        if len(whole) >= min(ECHO_WORDS, len(self._user)):
             self.deciding, self.echo, self._held = False, True, []
         return []
 
@@ -677,14 +658,6 @@ class Conversation:
             msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
         return [{"role": "system", "content": self.system_prompt}, *msgs]
 
-    def earlier_replies(self, user_text: str) -> list[str]:
-        """The bot's last reply in this call, unless it answered ``user_text`` itself (asked
-        again, the same answer is right). Only the last: holding a reply while it starts
-        like any earlier one held many ("The business is ...") for a few tokens each."""
-        if len(self.history) < 2 or words(self.history[-2]["content"]) == words(user_text):
-            return []
-        return [self.history[-1]["content"]]
-
     def reply(
         self,
         user_text: str,
@@ -698,26 +671,17 @@ class Conversation:
         happened (a reply started ahead of the caller's last word, then dropped); a reply of
         which nothing was generated leaves no trace either.
 
-        A reply that starts by repeating the caller's words, or what it said earlier in the
-        call to another question (a small model copying its input or itself, which it then
-        keeps doing for the rest of the call once it is in the history), is never spoken: its
-        first pieces are held until they say something else, and an echo is answered again,
-        greedily, with a reminder after the caller's words and without the history."""
+        A reply that starts by repeating the caller's words (a small model copying its input,
+        which it then keeps doing for the rest of the call once it is in the history) is
+        never spoken: its first pieces are held until they say something else, and an echo is
+        answered again, greedily, with a reminder after the caller's words."""
         said: list[str] = []
         try:
             for attempt, temperature in enumerate((None, 0.0)):
-                guard = EchoGuard(user_text, self.earlier_replies(user_text))
-                # Asked again: greedily, reminded, and without the history it was copying.
-                messages = (
-                    self.messages(user_text)
-                    if attempt == 0
-                    else [
-                        {"role": "system", "content": self.system_prompt},
-                        {"role": "user", "content": f"{user_text}\n{ANSWER_REMINDER}"},
-                    ]
-                )
+                text = user_text if attempt == 0 else f"{user_text}\n{ANSWER_REMINDER}"
+                guard = EchoGuard(user_text)
                 stream = self.llm.stream(
-                    messages,
+                    self.messages(text),
                     max_tokens=self.max_tokens,
                     usage=usage,
                     temperature=temperature,
