@@ -163,6 +163,16 @@ class AssistantProfile:
     transfer_message: str = _setting(
         "One moment, I am putting you through to a colleague.", _nonempty, "said before a transfer"
     )
+    say_again: str = _setting(
+        "Sorry, I didn't catch that. Could you say it again?",
+        None,
+        "said instead of an answer to words most likely misheard (empty: always answer)",
+    )
+    misheard_below: float = _setting(
+        -0.75,
+        _range(-10, 0),
+        "words are most likely misheard below this mean token log-probability of Whisper's",
+    )
 
     def instructions(self) -> str:
         """The system prompt, and the facts of ``knowledge`` and ``knowledge_file`` after it

@@ -281,7 +281,7 @@ class Assets:
         self.settings = settings
         self.engines = engines
         self.executor = executor
-        # ("greeting:PROFILE" | "transfer:PROFILE" | "busy", rate) -> 16-bit PCM
+        # ("greeting:PROFILE" | "transfer:PROFILE" | "say_again:PROFILE" | "busy", rate) -> PCM
         self.prompts: dict[tuple[str, int], bytes] = {}
         self.llms: dict[str, Any] = {}  # profile -> its own LLM ([profiles.NAME] llm)
         # profile -> its system prompt with its facts (read once, at start-up)
@@ -320,6 +320,7 @@ class Assets:
             self._synthesize(f"greeting:{name}", profile.greeting, profile.voice)
             if profile.transfer_extension:
                 self._synthesize(f"transfer:{name}", profile.transfer_message, profile.voice)
+            self._synthesize(f"say_again:{name}", profile.say_again, profile.voice)
         self._synthesize("busy", self.settings.limits.busy_message, "")
         self._synthesize("apology", self.settings.limits.apology_message, "")
         # The first call's prompt starts with its profile's system prompt: have it evaluated.
@@ -568,6 +569,7 @@ class Assistant:
             or not re.search(r"\w", text)
             or (self.profile.transfer_extension and WANTS_PERSON.search(text))
             or self._transfer_asked is not None
+            or self._misheard(transcript)
             or (self._reply is not None and not self._reply.done())
             or self.assets.replies_working > 0
         ):
@@ -638,11 +640,34 @@ class Assistant:
             min_response = self.assets.settings.turns.min_response_ms / 1000
             self._transfer_after = end.speech_end + min_response
             return
+        if self._misheard(transcript):
+            await self._say_again(turn, transcript)
+            return
         self._turn = turn
         turn.release.set()
         self._reply = asyncio.create_task(
             self._respond(turn), name=f"{self.call.session.uuid}-reply-{turn.index}"
         )
+
+    def _misheard(self, heard: Transcript) -> bool:
+        """Whisper itself doubts these words: answering them would answer what the caller most
+        likely did not say."""
+        sure = heard.confidence is None or heard.confidence >= self.profile.misheard_below
+        return bool(self.profile.say_again) and not sure
+
+    async def _say_again(self, turn: Turn, heard: Transcript) -> None:
+        """Asks the caller to say it again; the misheard words stay out of the LLM's history."""
+        call = self.call
+        call.calllog.event(
+            "turn",
+            index=turn.index,
+            transcript=turn.transcript,
+            reply=self.profile.say_again,
+            misheard=round(heard.confidence or 0.0, 2),
+        )
+        call.state = "speaking"
+        await call.play(self.assets.prompt(f"say_again:{call.profile_name}", call.rate))
+        call.state = "listening"
 
     async def _apologize(self, failure: BaseException) -> None:
         """A short prompt synthesized at start-up, so it plays even when the TTS is broken."""

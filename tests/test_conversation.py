@@ -67,6 +67,7 @@ class FakeStt:
     calls: list[float] = field(default_factory=list)
     hold: threading.Event | None = None
     text: str = ""  # what it hears instead (when set)
+    confidence: float | None = None
 
     def transcribe(self, pcm: bytes, rate: int) -> Transcript:
         if self.hold is not None:
@@ -74,7 +75,8 @@ class FakeStt:
         seconds = len(pcm) / 2 / rate
         self.calls.append(seconds)
         # No final punctuation: the detector cannot tell if the turn is complete (default hangover).
-        return Transcript(self.text or f"I spoke for {seconds:.1f} seconds", seconds, 0.01)
+        text = self.text or f"I spoke for {seconds:.1f} seconds"
+        return Transcript(text, seconds, 0.01, confidence=self.confidence)
 
 
 class FakeLlm:
@@ -781,6 +783,28 @@ def test_dtmf_0_says_the_handover_then_asterisk_moves_the_call(calls_dir: Path) 
     # The caller heard the whole hand-over, and no hang-up frame raced the move.
     assert sim.report.voiced_frames_received == len(handover) // 320
     assert sim.report.ended_by == "bot" and not sim.report.hangup_frame
+
+
+def test_words_whisper_doubts_are_asked_again_not_answered(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    assets.prompts[("say_again:assistant", 8000)] = speech(0.4)
+    engines.stt.text, engines.stt.confidence = "and also the unsung game.", -1.04
+    sim = run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.5)
+    [said] = sim.report.turns
+    assert said.response_latency_ms is not None  # the caller heard the question back
+    assert engines.llm.prompts == []  # nothing answered, nothing in the history
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["transcript"] == "and also the unsung game."
+    assert turn["reply"] == "Sorry, I didn't catch that. Could you say it again?"
+    assert turn["misheard"] == -1.04
+
+
+def test_words_whisper_is_sure_of_are_answered(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir)
+    engines.stt.text, engines.stt.confidence = "Are you open on Sundays?", -0.2
+    run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.5)
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["reply"] == "Sure, here is the answer you wanted." and "misheard" not in turn
 
 
 def test_asking_for_a_person_transfers_instead_of_answering(calls_dir: Path) -> None:

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from bot import audiosocket as p
-from bot.audio import pcm_to_float
+from bot import noise
+from bot.audio import float_to_pcm, pcm_to_float
+from bot.config import AssistantProfile
 from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
 from bot.engines.llm import (
     Conversation,
@@ -289,6 +291,11 @@ def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
     pcm = b"".join(speak(piper, SENTENCE, 8000))
     heard = whisper.transcribe(pcm, 8000)
     assert wer(SENTENCE, heard.text) <= 0.2, heard.text
+    # Whisper is sure of clear words, and doubts what it makes of a hiss ("You").
+    threshold = AssistantProfile().misheard_below
+    assert heard.confidence is not None and heard.confidence > threshold
+    hiss = whisper.transcribe(float_to_pcm(0.1 * noise.pink(2.0, seed=3)), 8000)
+    assert hiss.confidence is None or hiss.confidence < threshold, hiss
 
 
 def test_unknown_voice_names_the_voices(g2p: KokoroG2P) -> None:
@@ -574,9 +581,9 @@ def test_stt_and_tts_runs_count_as_activity(
     def look() -> None:
         seen.append((ACTIVITY.beside("llm"), ACTIVITY.beside("tts")))
 
-    def short(audio: np.ndarray) -> str:
+    def short(audio: np.ndarray) -> tuple[str, float]:
         look()
-        return "hello"
+        return "hello", -0.1
 
     assert whisper._short is not None
     monkeypatch.setattr(whisper._short, "transcribe", short)

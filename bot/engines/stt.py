@@ -66,6 +66,9 @@ class Transcript:
     audio_seconds: float
     seconds: float  # wall time spent transcribing
     language: str | None = None
+    # Whisper's mean log-probability of the transcript's tokens: near 0 for words it is sure
+    # of, under about -0.75 for words it most likely misheard. None when unknown.
+    confidence: float | None = None
 
 
 class WhisperStt:
@@ -113,10 +116,11 @@ class WhisperStt:
         if self._short is not None and len(audio) / WHISPER_RATE <= window - 0.5:
             try:
                 with self._lock, ACTIVITY.running("stt"):
-                    text = self._short.transcribe(audio)
+                    text, confidence = self._short.transcribe(audio)
             except Exception as exc:
                 raise EngineFailed(f"Whisper failed: {exc}") from exc
-            return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, o.language)
+            seconds = time.perf_counter() - start
+            return Transcript(text, len(pcm) / 2 / rate, seconds, o.language, confidence)
         try:
             # One decode at a time per model: CTranslate2 uses all its threads.
             with self._lock, ACTIVITY.running("stt"):
@@ -128,10 +132,13 @@ class WhisperStt:
                     without_timestamps=True,
                     vad_filter=False,
                 )
-                text = " ".join(s.text.strip() for s in segments).strip()
+                said = list(segments)
+                text = " ".join(s.text.strip() for s in said).strip()
         except Exception as exc:
             raise EngineFailed(f"Whisper failed: {exc}") from exc
-        return Transcript(text, len(pcm) / 2 / rate, time.perf_counter() - start, info.language)
+        logprob = float(np.mean([s.avg_logprob for s in said])) if said else None
+        seconds = time.perf_counter() - start
+        return Transcript(text, len(pcm) / 2 / rate, seconds, info.language, logprob)
 
 
 class _ShortWindow:
@@ -154,7 +161,8 @@ class _ShortWindow:
         self._suppress = list(get_suppressed_tokens(self._tokenizer, (-1,)) or ())
         self._beam = options.beam_size
 
-    def transcribe(self, audio: np.ndarray) -> str:
+    def transcribe(self, audio: np.ndarray) -> tuple[str, float]:
+        """The words, and the mean log-probability of their tokens."""
         # Speech is ~3 words (~4 tokens) a second: a longer output is Whisper looping on noise
         # or silence ("Can I talk to a person? Can I talk to a person? Can ..."): cut it off.
         tokens = min(200, TOKENS_BASE + int(TOKENS_PER_S * len(audio) / WHISPER_RATE))
@@ -170,8 +178,10 @@ class _ShortWindow:
             max_length=len(self._prompt) + tokens,
             suppress_blank=True,
             suppress_tokens=self._suppress,
+            return_scores=True,
         )[0]
-        return unlooped(str(self._tokenizer.decode(result.sequences_ids[0])).strip())
+        text = unlooped(str(self._tokenizer.decode(result.sequences_ids[0])).strip())
+        return text, float(result.scores[0])
 
 
 def unlooped(text: str) -> str:
