@@ -7,7 +7,8 @@ customer number spoken digit by digit (to be read back), Sunday opening, small t
 and a person to talk to. Per condition and overall it reports:
 
 - answered turns (a reply heard, or the hand-over for the person),
-- facts right (every fact the question needs is in the reply),
+- facts right (every fact the question needs is in the reply), and turns asked again (the
+  bot doubted what it heard and asked the caller to say it again),
 - replies that repeat the caller's words, and empty replies,
 - word error rate of the bot's own transcripts, next to the same STT model on the same audio
   (what was sent, noise included) transcribed whole, offline, after the calls,
@@ -229,6 +230,7 @@ def _score(
                 "answered": answered,
                 "facts": len(ask.facts),
                 "facts_right": _facts_right(ask, reply),
+                "asked_again": any("misheard" in e for e in logged),
                 "repeats": any(_repeats(e["transcript"], e["reply"]) for e in logged),
                 "empty": bool(logged) and not ask.transfer and not any(r.strip() for r in replies),
                 "errors": word_errors(ask.text, heard),
@@ -271,6 +273,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "answered": sum(r["answered"] for r in rows),
         "fact_questions": len(with_facts),
         "facts_right": sum(r["facts_right"] for r in with_facts),
+        "asked_again": sum(r["asked_again"] for r in rows),
         "repeats": sum(r["repeats"] for r in rows),
         "empty": sum(r["empty"] for r in rows),
         "talk_overs": sum(r["talk_over"] for r in rows),
@@ -300,7 +303,7 @@ def _result(
 
 def render(result: dict[str, Any]) -> str:
     head = (
-        f"{'condition':<14} {'answered':>9} {'facts':>7} {'repeat':>6} {'empty':>5} "
+        f"{'condition':<14} {'answered':>9} {'facts':>7} {'again':>5} {'repeat':>6} {'empty':>5} "
         f"{'WER':>5} {'offline':>7} {'p50 ms':>7} {'p95 ms':>7} {'talk-over':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -308,7 +311,8 @@ def render(result: dict[str, Any]) -> str:
         lat = a["latency_ms"]
         lines.append(
             f"{name:<14} {a['answered']:>4}/{a['turns']:<4} "
-            f"{a['facts_right']:>3}/{a['fact_questions']:<3} {a['repeats']:>6} {a['empty']:>5} "
+            f"{a['facts_right']:>3}/{a['fact_questions']:<3} {a['asked_again']:>5} "
+            f"{a['repeats']:>6} {a['empty']:>5} "
             f"{a['wer'] * 100:>4.0f}% {a['offline_wer'] * 100:>6.0f}% "
             f"{lat.get('p50', '-'):>7} {lat.get('p95', '-'):>7} {a['talk_overs']:>9}"
         )

@@ -169,7 +169,7 @@ class AssistantProfile:
         "said instead of an answer to words most likely misheard (empty: always answer)",
     )
     misheard_below: float = _setting(
-        -0.75,
+        -0.9,
         _range(-10, 0),
         "words are most likely misheard below this mean token log-probability of Whisper's",
     )
