@@ -74,6 +74,17 @@ async def _run_calls(
     return list(await asyncio.gather(*(one(sc) for sc in scenarios)))
 
 
+def stage_times(turns: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each pipeline mark's times over the logged turns; a turn answered by a prompt (the
+    hand-over, asking again) has no marks."""
+    stages: dict[str, list[float]] = {m: [] for m in MARKS[1:]}
+    for turn in turns:
+        for name, ms in turn.get("marks_ms", {}).items():
+            if name in stages:
+                stages[name].append(ms)
+    return stages
+
+
 def run(
     calls: int, concurrency: int, *, env: dict[str, str] | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -99,20 +110,16 @@ def run(
     ]
     missed = sum(t.response_latency_ms is None for r in reports for t in r.turns)
     talk_overs = sum(t.talk_over_frames > 0 for r in reports for t in r.turns)
-    stages: dict[str, list[float]] = {m: [] for m in MARKS[1:]}
     reanchors = refused = 0
     turns_logged = []
     for folder in list_calls(logs):
         events = read_call(folder).events
         refused += any(e["event"] == "busy" for e in events)
-        for e in events:
-            if e["event"] == "turn":
-                turns_logged.append(e)
-                for name, ms in e["marks_ms"].items():
-                    if name in stages:
-                        stages[name].append(ms)
-            if e["event"] == "call_end":
-                reanchors += int(e.get("playout_reanchors", 0))
+        turns_logged += [e for e in events if e["event"] == "turn"]
+        reanchors += sum(
+            int(e.get("playout_reanchors", 0)) for e in events if e["event"] == "call_end"
+        )
+    stages = stage_times(turns_logged)
     return {
         "calls": calls,
         "concurrency": concurrency,

@@ -116,3 +116,13 @@ def test_an_unknown_condition_is_named_before_anything_loads() -> None:
     )
     assert done.returncode == 2
     assert "--conditions: unknown cafe (known: clean, ulaw," in done.stdout
+
+
+def test_stage_times_skip_a_turn_answered_by_a_prompt() -> None:
+    from bot.bench_calls import stage_times
+
+    answered = {"event": "turn", "marks_ms": {"speech_end": 0.0, "endpoint": 640.0}}
+    asked_again = {"event": "turn", "transcript": "and also the unsung game.", "misheard": -1.2}
+    stages = stage_times([answered, asked_again, answered])
+    assert stages["endpoint"] == [640.0, 640.0]
+    assert "speech_end" not in stages  # every time counts from it
