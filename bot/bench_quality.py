@@ -230,7 +230,7 @@ def _score(
                 "answered": answered,
                 "facts": len(ask.facts),
                 "facts_right": _facts_right(ask, reply),
-                "asked_again": any("misheard" in e for e in logged),
+                "asked_again": any("misheard" in e or e.get("unanswered") for e in logged),
                 "repeats": any(_repeats(e["transcript"], e["reply"]) for e in logged),
                 "empty": bool(logged) and not ask.transfer and not any(r.strip() for r in replies),
                 "errors": word_errors(ask.text, heard),

@@ -166,7 +166,7 @@ class AssistantProfile:
     say_again: str = _setting(
         "Sorry, I didn't catch that. Could you say it again?",
         None,
-        "said instead of an answer to words most likely misheard (empty: always answer)",
+        "said instead of an answer to likely misheard words, or when none came (empty: off)",
     )
     misheard_below: float = _setting(
         -0.9,

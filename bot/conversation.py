@@ -376,6 +376,7 @@ class Turn:
     reply: str = ""
     stt_speculative: bool = False
     interrupted: bool = False
+    unanswered: bool = False  # the model said nothing: the caller was asked to say it again
     clauses: list[ClauseTiming] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -665,6 +666,10 @@ class Assistant:
             reply=self.profile.say_again,
             misheard=round(heard.confidence or 0.0, 2),
         )
+        await self._ask_to_say_again()
+
+    async def _ask_to_say_again(self) -> None:
+        call = self.call
         call.state = "speaking"
         await call.play(self.assets.prompt(f"say_again:{call.profile_name}", call.rate))
         call.state = "listening"
@@ -856,10 +861,16 @@ class Assistant:
             finally:
                 self.assets.replies_working -= 1
             await call.playout.drain()
+            turn.reply = "".join(pieces).strip()
+            if not turn.reply and self.profile.say_again:
+                # The model found nothing to say (every try repeated the caller's words):
+                # the caller is asked to say it another way, not left in silence.
+                turn.reply, turn.unanswered = self.profile.say_again, True
+                await self._ask_to_say_again()
             call.state = "listening"
         finally:
             llm_may_run.set()  # a worker paused between tokens sees the stop at once
-            turn.reply = "".join(pieces).strip()
+            turn.reply = turn.reply or "".join(pieces).strip()
             if turn.release.is_set():
                 call.calllog.event(
                     "turn",
@@ -873,6 +884,7 @@ class Assistant:
                     llm_first_token_ms=round((usage.first_token_s or 0.0) * 1000, 1),
                     marks_ms=turn.relative_ms(),
                     clauses=turn.relative_clauses(),
+                    **({"unanswered": True} if turn.unanswered else {}),
                 )
             else:  # the caller went on: this reply was never heard
                 call.calllog.event(

@@ -799,6 +799,22 @@ def test_words_whisper_doubts_are_asked_again_not_answered(calls_dir: Path) -> N
     assert turn["misheard"] == -1.04
 
 
+def test_a_model_that_only_repeats_the_caller_asks_the_caller_to_say_it_again(
+    calls_dir: Path,
+) -> None:
+    settings, engines, assets = setup(calls_dir)
+    assets.prompts[("say_again:assistant", 8000)] = speech(0.4)
+    engines.stt.text = "I'm very exactly as your shop."
+    engines.llm.words = engines.stt.text.split(" ")  # every try is an echo: nothing is said
+    sim = run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.5)
+    [said] = sim.report.turns
+    assert said.response_latency_ms is not None  # the caller was not left in silence
+    assert len(engines.llm.prompts) == 2  # the echo was answered again, then given up
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["reply"] == "Sorry, I didn't catch that. Could you say it again?"
+    assert turn["unanswered"] is True and engines.tts.texts == []
+
+
 def test_words_whisper_is_sure_of_are_answered(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
     engines.stt.text, engines.stt.confidence = "Are you open on Sundays?", -0.2

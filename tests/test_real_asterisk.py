@@ -174,6 +174,7 @@ def converse(
     """Extension 16 dials ``service``, hears the greeting, presses ``press`` and/or says
     ``say``, hears the answer, and hangs up after ``hold_ms``; returns the transcripts."""
     before = bot.known()
+    failed: AssertionError | None = None
     with RtpPhone(dtx=dtx) as phone:
         call = sipp(
             line, "call", "16", local_port=free_port(socket.SOCK_DGRAM), service=service,
@@ -192,8 +193,12 @@ def converse(
             answer = phone.wait_quiet(1.5, within=20, since=mark)[mark:] if (say or press) else b""
             answered = phone.first_voice_after(mark)
             latency = (answered - spoke) * 1000 if say and answered else None
+        except AssertionError as exc:
+            failed = exc
         finally:
             finished(call, within=hold_ms / 1000 + 40)
+    if failed:  # what the bot logged of the call says why the phone heard no answer
+        raise AssertionError(f"{failed}; the bot's log: {bot.last_call(before)}")
     heard = Heard(transcribe(stt, greeting), transcribe(stt, answer), bot.last_call(before))
     heard.latency_ms = latency
     return heard
