@@ -76,7 +76,7 @@ async def _run_calls(
 
 def stage_times(turns: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Each pipeline mark's times over the logged turns; a turn answered by a prompt (the
-    hand-over, asking again) has no marks."""
+    hand-over, asking again) has no marks, or none of the LLM's and the TTS's."""
     stages: dict[str, list[float]] = {m: [] for m in MARKS[1:]}
     for turn in turns:
         for name, ms in turn.get("marks_ms", {}).items():

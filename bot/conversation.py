@@ -376,6 +376,8 @@ class Turn:
     reply: str = ""
     stt_speculative: bool = False
     interrupted: bool = False
+    # Whisper's doubt of the words (mean token log-probability) when too low to answer them.
+    misheard: float | None = None
     unanswered: bool = False  # the model said nothing: the caller was asked to say it again
     clauses: list[ClauseTiming] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
@@ -642,8 +644,7 @@ class Assistant:
             self._transfer_after = end.speech_end + min_response
             return
         if self._misheard(transcript):
-            await self._say_again(turn, transcript)
-            return
+            turn.misheard = round(transcript.confidence or 0.0, 2)
         self._turn = turn
         turn.release.set()
         self._reply = asyncio.create_task(
@@ -655,24 +656,6 @@ class Assistant:
         likely did not say."""
         sure = heard.confidence is None or heard.confidence >= self.profile.misheard_below
         return bool(self.profile.say_again) and not sure
-
-    async def _say_again(self, turn: Turn, heard: Transcript) -> None:
-        """Asks the caller to say it again; the misheard words stay out of the LLM's history."""
-        call = self.call
-        call.calllog.event(
-            "turn",
-            index=turn.index,
-            transcript=turn.transcript,
-            reply=self.profile.say_again,
-            misheard=round(heard.confidence or 0.0, 2),
-        )
-        await self._ask_to_say_again()
-
-    async def _ask_to_say_again(self) -> None:
-        call = self.call
-        call.state = "speaking"
-        await call.play(self.assets.prompt(f"say_again:{call.profile_name}", call.rate))
-        call.state = "listening"
 
     async def _apologize(self, failure: BaseException) -> None:
         """A short prompt synthesized at start-up, so it plays even when the TTS is broken."""
@@ -825,6 +808,11 @@ class Assistant:
                     if not llm_may_run.is_set():
                         await turn.release.wait()  # a reply ahead goes no further
                         llm_may_run.set()  # the first clause is synthesized
+                if not "".join(pieces).strip() and self.profile.say_again:
+                    # Words Whisper doubts, or a model with nothing to say but the caller's
+                    # words: the caller is asked to say it again, never left in silence.
+                    turn.reply, turn.unanswered = self.profile.say_again, turn.misheard is None
+                    queue(self.assets.prompt(f"say_again:{call.profile_name}", rate))
             finally:
                 played.put_nowait(None)
 
@@ -855,18 +843,15 @@ class Assistant:
             self.assets.replies_working += 1
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
+                    if turn.misheard is None:
+                        tg.create_task(think(), name=f"{call.session.uuid}-think-{turn.index}")
+                    else:  # doubted words are not answered, nor kept in the LLM's history
+                        clauses.put_nowait(None)
                     tg.create_task(talk(), name=f"{call.session.uuid}-talk-{turn.index}")
                     await play()
             finally:
                 self.assets.replies_working -= 1
             await call.playout.drain()
-            turn.reply = "".join(pieces).strip()
-            if not turn.reply and self.profile.say_again:
-                # The model found nothing to say (every try repeated the caller's words):
-                # the caller is asked to say it another way, not left in silence.
-                turn.reply, turn.unanswered = self.profile.say_again, True
-                await self._ask_to_say_again()
             call.state = "listening"
         finally:
             llm_may_run.set()  # a worker paused between tokens sees the stop at once
@@ -885,6 +870,7 @@ class Assistant:
                     marks_ms=turn.relative_ms(),
                     clauses=turn.relative_clauses(),
                     **({"unanswered": True} if turn.unanswered else {}),
+                    **({"misheard": turn.misheard} if turn.misheard is not None else {}),
                 )
             else:  # the caller went on: this reply was never heard
                 call.calllog.event(

@@ -799,6 +799,25 @@ def test_words_whisper_doubts_are_asked_again_not_answered(calls_dir: Path) -> N
     assert turn["misheard"] == -1.04
 
 
+def test_asking_again_waits_like_an_answer_for_a_caller_who_only_took_a_breath(
+    calls_dir: Path,
+) -> None:
+    """Doubted words ending in a breath: the request to say it again is not heard before
+    ``min_response_ms`` either, so the caller going on at 450 ms is heard first and both parts
+    become one turn (it was played at the endpoint, into the caller's next words)."""
+    settings, engines, assets = setup(calls_dir)
+    assets.prompts[("say_again:assistant", 8000)] = speech(0.4)
+    engines.stt.text, engines.stt.confidence = "Could you recommend a good book?", -1.5
+    turn = speech(0.8) + pause(0.45) + speech(0.5)
+    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
+    [result] = sim.report.turns
+    assert result.talk_over_frames == 0 and result.response_latency_ms is not None
+    cut, asked = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    assert asked["transcript"] == " ".join([engines.stt.text] * 2) and asked["misheard"] == -1.5
+    assert engines.llm.prompts == []
+
+
 def test_a_model_that_only_repeats_the_caller_asks_the_caller_to_say_it_again(
     calls_dir: Path,
 ) -> None:
