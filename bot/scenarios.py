@@ -1,16 +1,18 @@
 """Caller turns for benchmarks and end-to-end tests, generated rather than shipped as WAVs.
 
-Voices other than the bot's: Piper's en_US-joe-medium (a neural TTS voice) and, where Debian's
-``espeak-ng`` is installed, espeak-ng voices. Every turn is made phone-band (8 kHz, 300-3400 Hz);
-some get background noise, some a pause in the middle of the sentence (which must not make the
-bot answer early).
+Voices other than the bot's: Piper's en_US-joe-medium (a neural TTS voice), Kokoro's other voices
+and, where Debian's ``espeak-ng`` and ``flite`` are installed, theirs. Every turn is made
+phone-band (8 kHz, 300-3400 Hz); some get background noise, some a pause in the middle of the
+sentence (which must not make the bot answer early).
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +36,9 @@ QUESTIONS: Final = (
 # espeak-ng's English voices with different accents and speakers (US, British RP, Scottish,
 # Caribbean, a US woman).
 ESPEAK_VOICES: Final = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us+f3")
+# Flite's voices built from recorded speakers (CMU ARCTIC: a US woman, a US man, a Scottish man;
+# KAL, an older diphone voice).
+FLITE_VOICES: Final = ("slt", "rms", "awb", "kal16")
 # Kokoro v1.0's voices in the offline pack (the bot speaks with one of them).
 KOKORO_VOICES: Final = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
 
@@ -75,8 +80,9 @@ def with_noise(x: np.ndarray, dbfs: float, seed: int) -> np.ndarray:
 
 
 class Voices:
-    """Caller voices: ``piper`` (en_US-joe-medium), ``espeak:VOICE`` (Debian's espeak-ng, where
-    installed) and ``kokoro:VOICE`` (a Kokoro voice other than the bot's, loaded on first use).
+    """Caller voices: ``piper`` (en_US-joe-medium), ``espeak:VOICE`` and ``flite:VOICE``
+    (Debian's espeak-ng and flite, where installed) and ``kokoro:VOICE`` (a Kokoro voice other
+    than the bot's, loaded on first use).
     """
 
     def __init__(self) -> None:
@@ -84,15 +90,18 @@ class Voices:
 
         self.piper = PiperTts(progress=False)
         self.espeak = shutil.which("espeak-ng")
+        self.flite = shutil.which("flite")
         self._kokoro: Any = None
 
     def available(self, bot_voice: str) -> list[str]:
-        """Every caller voice this machine has, never ``bot_voice``."""
-        names = ["piper"]
+        """Every caller voice this machine has, never ``bot_voice``; the engines take turns,
+        so a few voices in a row are of different kinds."""
+        kinds = [["piper"], [f"kokoro:{v}" for v in KOKORO_VOICES if v != bot_voice]]
         if self.espeak:
-            names += [f"espeak:{v}" for v in ESPEAK_VOICES]
-        names += [f"kokoro:{v}" for v in KOKORO_VOICES if v != bot_voice]
-        return names
+            kinds.append([f"espeak:{v}" for v in ESPEAK_VOICES])
+        if self.flite:
+            kinds.append([f"flite:{v}" for v in FLITE_VOICES])
+        return [v for row in itertools.zip_longest(*kinds) for v in row if v is not None]
 
     def say(self, text: str, voice: str) -> np.ndarray:
         """8 kHz phone-band float audio of ``text``."""
@@ -102,6 +111,8 @@ class Voices:
             return phone_band(np.concatenate(chunks), self.piper.native_rate)
         if engine == "kokoro":
             return phone_band(np.concatenate(list(self.kokoro.synthesize(text, name))), 24000)
+        if engine == "flite":
+            return self._flite(text, name)
         return self._espeak(text, name or voice)
 
     @property
@@ -115,15 +126,23 @@ class Voices:
     def _espeak(self, text: str, voice: str) -> np.ndarray:
         if self.espeak is None:
             raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
-        with tempfile.TemporaryDirectory() as tmp:
-            wav = Path(tmp) / "turn.wav"
-            subprocess.run(
-                [self.espeak, "-v", voice, "-s", "160", "-w", str(wav), text],
-                check=True,
-                capture_output=True,
-            )
-            x = pcm_to_float(read_wav(str(wav), 16000))
-        return phone_band(x, 16000)
+        espeak = self.espeak
+        return _spoken_wav(lambda wav: [espeak, "-v", voice, "-s", "160", "-w", wav, text])
+
+    def _flite(self, text: str, voice: str) -> np.ndarray:
+        if self.flite is None:
+            raise RuntimeError("flite is not installed (apt-get install flite)")
+        flite = self.flite
+        return _spoken_wav(lambda wav: [flite, "-voice", voice, "-t", text, "-o", wav])
+
+
+def _spoken_wav(command: Callable[[str], list[str]]) -> np.ndarray:
+    """Phone-band audio of what ``command`` (given the WAV path to write) speaks."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = str(Path(tmp) / "turn.wav")
+        subprocess.run(command(wav), check=True, capture_output=True)
+        x = pcm_to_float(read_wav(wav, 16000))
+    return phone_band(x, 16000)
 
 
 def generate(count: int = 8, *, seed: int = 1) -> list[Scenario]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,10 @@ import numpy as np
 import pytest
 
 from bot import bench_quality, noise
+from bot.audio import float_to_pcm
 from bot.bench_quality import ASKS, Ask, _facts_right, _repeats, _turns_heard
-from bot.scenarios import phone_band
+from bot.engines.stt import WhisperStt
+from bot.scenarios import ESPEAK_VOICES, FLITE_VOICES, KOKORO_VOICES, Voices, phone_band
 
 
 def band_power(x: np.ndarray, lo: float, hi: float) -> float:
@@ -93,6 +96,24 @@ def test_the_phone_band_keeps_speech_frequencies_and_a_pause_stays_quiet() -> No
         assert np.sqrt(np.mean(tone**2)) < 0.5 * 10 ** (-40 / 20)
 
 
+def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() -> None:
+    voices = Voices()
+    if voices.espeak is None or voices.flite is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have every caller voice: apt-get install espeak-ng flite")
+        pytest.skip("espeak-ng or flite is not installed")
+    names = voices.available("jm_kumo")
+    assert "kokoro:jm_kumo" not in names  # never the bot's own voice
+    assert len(names) == 1 + len(ESPEAK_VOICES) + len(FLITE_VOICES) + len(KOKORO_VOICES) - 1
+    assert len({name.partition(":")[0] for name in names[:4]}) == 4  # four voices, four engines
+    stt = WhisperStt(progress=False)
+    for name in ("flite:slt", "flite:awb"):
+        x = voices.say("What is the capital of France?", name)
+        assert 1.0 < len(x) / 8000 < 4.0
+        heard = stt.transcribe(float_to_pcm(x), 8000).text.lower()
+        assert "capital" in heard and "france" in heard, (name, heard)
+
+
 def test_bench_quality_places_a_real_call_and_scores_it() -> None:
     clean = [c for c in bench_quality.CONDITIONS if c.name == "clean"]
     result = bench_quality.run(clean, progress=False)
@@ -103,8 +124,11 @@ def test_bench_quality_places_a_real_call_and_scores_it() -> None:
     assert row["wer"] <= row["offline_wer"] + 0.1  # the pipeline loses no words
     assert row["fact_questions"] == sum(bool(a.facts) for a in ASKS)
     assert all(t["voice"] != "kokoro:jm_kumo" for t in result["turns"])  # never the bot's voice
+    assert sum(v["turns"] for v in result["voices"].values()) == len(ASKS)
+    assert result["voices"]["piper"]["turns"] >= 1  # the voices go round from Piper's
     table = bench_quality.render(result)
     assert table.splitlines()[2].startswith("clean") and "overall" in table
+    assert "caller voice" in table and "\npiper " in table
 
 
 def test_an_unknown_condition_is_named_before_anything_loads() -> None:
