@@ -379,6 +379,8 @@ class Turn:
     # Whisper's doubt of the words (mean token log-probability) when too low to answer them.
     misheard: float | None = None
     unanswered: bool = False  # the model said nothing: the caller was asked to say it again
+    # Ended at max_utterance_s, the voice going on: it is answered all the same.
+    max_length: bool = False
     clauses: list[ClauseTiming] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -519,7 +521,10 @@ class Assistant:
                 "barge_in", dropped_ms=round(dropped / 2 / self.call.rate * 1000)
             )
         elif isinstance(event, SpeechStarted):
-            if self._reply is not None and not self._reply.done():
+            # A voice that never stops (a monologue, a TV) was cut at max_utterance_s so that it
+            # gets an answer: the voice going on does not take that answer back.
+            monologue = self._turn is not None and self._turn.max_length
+            if self._reply is not None and not self._reply.done() and not monologue:
                 heard = self._turn is not None and "first_frame_out" in self._turn.marks
                 if not heard and self._turn is not None:
                     # The caller went on before hearing anything: fold both into one turn.
@@ -597,6 +602,7 @@ class Assistant:
             self._ahead = self._speculation = None
             turn = ahead[1]
             self._turns = turn.index
+            turn.max_length = end.reason == "max length"
             turn.mark("speech_end", end.speech_end)
             turn.mark("endpoint", end.t)
             self._carry = ""
@@ -608,7 +614,7 @@ class Assistant:
         await self._drop_ahead()
         self.call.state = "transcribing"
         self._turns += 1
-        turn = Turn(self._turns)
+        turn = Turn(self._turns, max_length=end.reason == "max length")
         turn.mark("speech_end", end.speech_end)
         turn.mark("endpoint", end.t)
         spec = self._speculation
@@ -871,6 +877,7 @@ class Assistant:
                     clauses=turn.relative_clauses(),
                     **({"unanswered": True} if turn.unanswered else {}),
                     **({"misheard": turn.misheard} if turn.misheard is not None else {}),
+                    **({"max_length": True} if turn.max_length else {}),
                 )
             else:  # the caller went on: this reply was never heard
                 call.calllog.event(

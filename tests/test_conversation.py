@@ -472,6 +472,21 @@ def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     assert answered["marks_ms"]["endpoint"] < 400
 
 
+def test_a_voice_that_never_stops_is_answered_at_max_utterance_and_not_taken_back(
+    calls_dir: Path,
+) -> None:
+    """A TV, or a monologue: the turn ends at ``max_utterance_s`` so it gets an answer, and the
+    voice going on neither cancels that answer nor folds it into the next turn (it did, again
+    and again: a TV under a caller got no answer for 40 s)."""
+    settings, engines, assets = setup(calls_dir, VOICEBOT_TURNS_MAX_UTTERANCE_S="3")
+    run_call(settings, assets, [speech(5.0)], greeting_wait=0, quiet=1.0)
+    cut, rest = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert cut["max_length"] is True and not cut["interrupted"]
+    assert "first_frame_out" in cut["marks_ms"]  # the caller heard the answer
+    assert cut["transcript"] == "I spoke for 3.0 seconds"
+    assert rest["transcript"].startswith("I spoke for 2.") and "max_length" not in rest
+
+
 def test_the_gate_ignores_the_caller_while_the_bot_speaks(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
     engines.llm.words = ("word " * 40).split()  # about 2.4 s of bot audio
