@@ -445,6 +445,19 @@ def test_a_reply_started_at_a_pause_is_dropped_when_the_caller_goes_on(calls_dir
     assert not [m for m in last_prompt if m["role"] == "assistant"]
 
 
+def a_question_then_a_breath(settings: Settings, assets: Assets, calls_dir: Path) -> dict[str, Any]:
+    """The caller's question, a 450 ms breath, more words: the bot's first response was
+    never heard and nothing was said over the caller, who heard a response to both parts;
+    returns the logged turn of that response."""
+    turn = speech(0.8) + pause(0.45) + speech(0.5)
+    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
+    [result] = sim.report.turns
+    assert result.talk_over_frames == 0 and result.response_latency_ms is not None
+    cut, responded = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    return responded
+
+
 def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     calls_dir: Path,
 ) -> None:
@@ -453,12 +466,7 @@ def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     not heard before ``min_response_ms``, and the caller going on at 450 ms is heard first."""
     settings, engines, assets = setup(calls_dir)
     engines.stt.text = "Could you recommend a good book?"
-    turn = speech(0.8) + pause(0.45) + speech(0.5)
-    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
-    [result] = sim.report.turns
-    assert result.talk_over_frames == 0 and result.response_latency_ms is not None
-    cut, answered = [e for e in call_events(calls_dir) if e["event"] == "turn"]
-    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    answered = a_question_then_a_breath(settings, assets, calls_dir)
     assert answered["transcript"] == " ".join([engines.stt.text] * 2)  # both parts, one turn
     # Without a breath, the answer is heard min_response_ms after the question (the doubles
     # take no time: the short hangover ended the turn well before).
@@ -823,12 +831,7 @@ def test_asking_again_waits_like_an_answer_for_a_caller_who_only_took_a_breath(
     settings, engines, assets = setup(calls_dir)
     assets.prompts[("say_again:assistant", 8000)] = speech(0.4)
     engines.stt.text, engines.stt.confidence = "Could you recommend a good book?", -1.5
-    turn = speech(0.8) + pause(0.45) + speech(0.5)
-    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
-    [result] = sim.report.turns
-    assert result.talk_over_frames == 0 and result.response_latency_ms is not None
-    cut, asked = [e for e in call_events(calls_dir) if e["event"] == "turn"]
-    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    asked = a_question_then_a_breath(settings, assets, calls_dir)
     assert asked["transcript"] == " ".join([engines.stt.text] * 2) and asked["misheard"] == -1.5
     assert engines.llm.prompts == []
 
