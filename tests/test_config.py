@@ -61,6 +61,11 @@ def test_file_then_environment(tmp_path: Path) -> None:
             "profiles.x.kind: must be one of echo, assistant, got 'robot'",
         ),
         ("[profiles.echo]\ndelay_ms = -1\n", {}, "profiles.echo.delay_ms: must be between 0 and"),
+        (
+            "[profiles.assistant]\nmisheard_below = 0.5\n",
+            {},
+            "profiles.assistant.misheard_below: must be between -10 and 0, got 0.5",
+        ),
         ("[server\n", {}, "not valid TOML"),
         ("", {"VOICEBOT_SERVER_PORT": "nine"}, "server.port: expected int, got 'nine'"),
         ("", {"VOICEBOT_SERVR_PORT": "1"}, "VOICEBOT_SERVR_PORT: unknown setting"),

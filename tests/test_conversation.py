@@ -852,6 +852,14 @@ def test_a_model_that_only_repeats_the_caller_asks_the_caller_to_say_it_again(
     assert turn["unanswered"] is True and engines.tts.texts == []
 
 
+def test_with_say_again_off_doubted_words_are_answered(calls_dir: Path) -> None:
+    settings, engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_SAY_AGAIN="")
+    engines.stt.text, engines.stt.confidence = "and also the unsung game.", -1.04
+    run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.5)
+    [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
+    assert turn["reply"] == "Sure, here is the answer you wanted." and "misheard" not in turn
+
+
 def test_words_whisper_is_sure_of_are_answered(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
     engines.stt.text, engines.stt.confidence = "Are you open on Sundays?", -0.2
