@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +41,9 @@ ESPEAK_VOICES: Final = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-u
 FLITE_VOICES: Final = ("slt", "rms", "awb", "kal16")
 # Kokoro v1.0's voices in the offline pack (the bot speaks with one of them).
 KOKORO_VOICES: Final = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+ESPEAK_WPM: Final = 160  # espeak-ng's speaking rate, words a minute
+# A caller asked to say it again says it slower: this fraction of the voice's own speed.
+SLOWER: Final = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +89,9 @@ class Voices:
     """
 
     def __init__(self) -> None:
-        from .engines.tts import PiperTts
-
-        self.piper = PiperTts(progress=False)
         self.espeak = shutil.which("espeak-ng")
         self.flite = shutil.which("flite")
-        self._kokoro: Any = None
+        self._engines: dict[tuple[str, bool], Any] = {}  # Piper, Kokoro: at two speeds
 
     def available(self, bot_voice: str) -> list[str]:
         """Every caller voice this machine has, never ``bot_voice``; the engines take turns,
@@ -103,37 +103,47 @@ class Voices:
             kinds.append([f"flite:{v}" for v in FLITE_VOICES])
         return [v for row in itertools.zip_longest(*kinds) for v in row if v is not None]
 
-    def say(self, text: str, voice: str) -> np.ndarray:
-        """8 kHz phone-band float audio of ``text``."""
+    def say(self, text: str, voice: str, *, slower: bool = False) -> np.ndarray:
+        """8 kHz phone-band float audio of ``text``; ``slower``: as a caller who was asked to
+        say it again says it, at ``SLOWER`` of the voice's speed."""
         engine, _, name = voice.partition(":")
-        if engine == "piper":
-            chunks = list(self.piper.synthesize(text))
-            return phone_band(np.concatenate(chunks), self.piper.native_rate)
-        if engine == "kokoro":
-            return phone_band(np.concatenate(list(self.kokoro.synthesize(text, name))), 24000)
+        if engine in ("piper", "kokoro"):
+            tts = self._engine(engine, slower)
+            chunks = tts.synthesize(text, name) if name else tts.synthesize(text)
+            return phone_band(np.concatenate(list(chunks)), tts.native_rate)
         if engine == "flite":
-            return self._flite(text, name)
-        return self._espeak(text, name or voice)
+            return self._flite(text, name, slower)
+        return self._espeak(text, name or voice, slower)
 
-    @property
-    def kokoro(self) -> Any:
-        if self._kokoro is None:
-            from .engines.tts import KokoroOnnx
+    def _engine(self, engine: str, slower: bool) -> Any:
+        from .engines.tts import KokoroOnnx, PiperTts, TtsOptions
 
-            self._kokoro = KokoroOnnx(progress=False)
-        return self._kokoro
+        key = (engine, slower)
+        if key not in self._engines:
+            speed = SLOWER if slower else 1.0
+            if engine == "piper":
+                options = TtsOptions(engine="piper", model="piper-joe-medium", voice="")
+                self._engines[key] = PiperTts(replace(options, speed=speed), progress=False)
+            else:
+                self._engines[key] = KokoroOnnx(TtsOptions(speed=speed), progress=False)
+        return self._engines[key]
 
-    def _espeak(self, text: str, voice: str) -> np.ndarray:
+    def _espeak(self, text: str, voice: str, slower: bool) -> np.ndarray:
         if self.espeak is None:
             raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
-        espeak = self.espeak
-        return _spoken_wav(lambda wav: [espeak, "-v", voice, "-s", "160", "-w", wav, text])
+        espeak, wpm = self.espeak, str(round(ESPEAK_WPM * (SLOWER if slower else 1.0)))
+        return _spoken_wav(lambda wav: [espeak, "-v", voice, "-s", wpm, "-w", wav, text])
 
-    def _flite(self, text: str, voice: str) -> np.ndarray:
+    def _flite(self, text: str, voice: str, slower: bool) -> np.ndarray:
         if self.flite is None:
             raise RuntimeError("flite is not installed (apt-get install flite)")
-        flite = self.flite
-        return _spoken_wav(lambda wav: [flite, "-voice", voice, "-t", text, "-o", wav])
+        flite, stretch = self.flite, f"{1 / SLOWER if slower else 1.0:.3f}"
+        return _spoken_wav(
+            lambda wav: [
+                *(flite, "-voice", voice, "--setf", f"duration_stretch={stretch}"),
+                *("-t", text, "-o", wav),
+            ]
+        )
 
 
 def _spoken_wav(command: Callable[[str], list[str]]) -> np.ndarray:

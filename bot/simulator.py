@@ -7,9 +7,11 @@ never with a 0x00 frame. It never buffers or paces what the bot sends: each fram
 the moment it is read.
 
 A script is a list of turns (PCM at the call's rate). The caller waits for a greeting, speaks a
-turn, waits until the bot has answered and gone quiet, then speaks the next. For each turn it
-reports the response latency seen from its side: from the moment the last voiced frame of the
-turn left (the end of the caller's speech) to the first non-silent frame that came back.
+turn, waits until the bot has answered and gone quiet, then speaks the next (or, when its
+``again`` hook returns a clip, says that first: the turn again, as a caller the bot asked to
+repeat does). For each turn it reports the response latency seen from its side: from the moment
+the last voiced frame of the turn left (the end of the caller's speech) to the first non-silent
+frame that came back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import statistics
 import time
 import uuid as uuid_mod
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -65,6 +68,7 @@ class TurnResult:
     # its last (a pause inside it included, the quiet after its last word not).
     talk_over_frames: int = 0
     longest_gap_ms: float = 0.0  # the longest silence inside the reply (a stall mid-answer)
+    again: bool = False  # the script's turn ``index`` said again, after the bot's reply to it
 
 
 @dataclass(slots=True)
@@ -136,6 +140,7 @@ class CallerSimulator:
         record: bool = True,
         skip_rx_stats_first: float = 0.5,
         background: bytes = b"",
+        again: Callable[[TurnResult], Awaitable[bytes | None]] | None = None,
     ) -> None:
         if rate not in (8000, 16000):
             raise ValueError(f"Asterisk sends slin at 8000 or slin16 at 16000 Hz, not {rate}")
@@ -154,6 +159,8 @@ class CallerSimulator:
         # turn's speech end is still its own speech's (the noise is not the caller talking).
         self.background = np.frombuffer(background[: len(background) // 2 * 2], "<i2")
         self._background_at = 0
+        # Asked after each turn's reply: what to say again before the next turn (None: nothing).
+        self.again = again
         self.report = CallReport(uuid=str(self.uuid), rate=rate)
         self.received = bytearray()  # everything the bot sent, frames concatenated
         self.rx_times: list[float] = []  # arrival of every audio frame, seconds since start
@@ -290,18 +297,9 @@ class CallerSimulator:
         if self.turns and self.greeting_wait > 0:
             await self._wait_for_reply(self.greeting_wait)
         for index, pcm in enumerate(self.turns):
-            result = await self._speak(index, pcm)
-            latency_from = result.speech_end
-            start = await self._wait_for_reply(self.answer_timeout, after=latency_from)
-            if start is not None:
-                result.response_latency_ms = round((start - latency_from) * 1000, 1)
-                end = self._last_voiced_rx or start
-                result.reply_seconds = round(max(0.0, end - start + FRAME_SECONDS), 3)
-                lo = bisect.bisect_left(self.voiced_rx_times, start)
-                hi = bisect.bisect_right(self.voiced_rx_times, end)
-                times = self.voiced_rx_times[lo:hi]
-                gaps = [b - a - FRAME_SECONDS for a, b in zip(times, times[1:], strict=False)]
-                result.longest_gap_ms = round(max(gaps, default=0.0) * 1000, 1)
+            result = await self._turn(index, pcm)
+            if self.again is not None and (repeat := await self.again(result)) is not None:
+                await self._turn(index, repeat[: len(repeat) // 2 * 2], again=True)
         if self.duration is not None:
             remaining = self.duration - self.now()
             if remaining > 0:
@@ -310,7 +308,23 @@ class CallerSimulator:
             # Stay on the line until the last digit has gone out.
             await asyncio.sleep(max(0.0, self.dtmf[-1].at - self.now()) + 3 * FRAME_SECONDS)
 
-    async def _speak(self, index: int, pcm: bytes) -> TurnResult:
+    async def _turn(self, index: int, pcm: bytes, *, again: bool = False) -> TurnResult:
+        """Says ``pcm``, then waits for the bot's reply and measures it."""
+        result = await self._speak(index, pcm, again)
+        latency_from = result.speech_end
+        start = await self._wait_for_reply(self.answer_timeout, after=latency_from)
+        if start is not None:
+            result.response_latency_ms = round((start - latency_from) * 1000, 1)
+            end = self._last_voiced_rx or start
+            result.reply_seconds = round(max(0.0, end - start + FRAME_SECONDS), 3)
+            lo = bisect.bisect_left(self.voiced_rx_times, start)
+            hi = bisect.bisect_right(self.voiced_rx_times, end)
+            times = self.voiced_rx_times[lo:hi]
+            gaps = [b - a - FRAME_SECONDS for a, b in zip(times, times[1:], strict=False)]
+            result.longest_gap_ms = round(max(gaps, default=0.0) * 1000, 1)
+        return result
+
+    async def _speak(self, index: int, pcm: bytes, again: bool) -> TurnResult:
         self._turn_done.clear()
         self._first_voiced_tx = self._last_voiced_tx = None
         result = TurnResult(
@@ -318,6 +332,7 @@ class CallerSimulator:
             speech_start=round(self.now(), 3),
             speech_end=0.0,
             first_frame=self.report.frames_sent,
+            again=again,
         )
         self.report.turns.append(result)
         self._speaking += pcm

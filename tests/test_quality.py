@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bot import bench_quality, noise
 from bot.audio import float_to_pcm
-from bot.bench_quality import ASKS, Ask, _facts_right, _repeats, _turns_heard
+from bot.bench_quality import (
+    ASKS,
+    Ask,
+    _answer,
+    _asked_again,
+    _facts_right,
+    _repeats,
+    _turns_heard,
+    _with_again,
+)
 from bot.engines.stt import WhisperStt
 from bot.scenarios import ESPEAK_VOICES, FLITE_VOICES, KOKORO_VOICES, Voices, phone_band
+from bot.simulator import TurnResult
 
 
 def band_power(x: np.ndarray, lo: float, hi: float) -> float:
@@ -82,6 +94,46 @@ def test_each_caller_turn_is_scored_on_what_the_bot_logged_while_it_was_the_call
     assert _turns_heard(events[:2], [4.0, 9.5]) == [[events[1]], []]  # a turn never heard
 
 
+def test_a_question_said_again_counts_right_if_its_second_answer_is() -> None:
+    hours = ASKS[0]
+    heard = TurnResult(index=0, speech_start=4.0, speech_end=6.0, response_latency_ms=700.0)
+    asked = {"t": 7.0, "transcript": "What are your opening our wrong?", "misheard": -1.1}
+    first = _answer(hours, heard, [{**asked, "reply": "Sorry, could you say it again?"}], False)
+    assert first["asked_again"] and not first["facts_right"]
+    said_again = TurnResult(
+        index=0, speech_start=9.0, speech_end=11.5, response_latency_ms=800.0, again=True
+    )
+    right = {"t": 12.0, "transcript": hours.text, "reply": "Saturday 10 am to 4 pm."}
+    second = _answer(hours, said_again, [right], False)
+    row = {**first, **_with_again(first, second)}
+    assert row["facts_right"] and not row["facts_first_try"] and row["said_again"]
+    assert row["heard_again"] == hours.text and row["latency_again_ms"] == 800.0
+    alone = {**first, **_with_again(first, None)}
+    assert not alone["facts_right"] and not alone["said_again"]
+
+
+def test_the_caller_hears_it_was_asked_again_from_the_log_as_the_call_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_quality, "LOG_WAIT_S", 0.0)
+    folder = tmp_path / "20261207-101500-c0ffee"
+    folder.mkdir()
+    events = [
+        {"t": 7.0, "event": "turn", "transcript": "and also the unsung game", "misheard": -1.2},
+        {"t": 12.0, "event": "turn", "transcript": "what are your hours", "reply": "10 to 4."},
+    ]
+    lines = [json.dumps(e) + "\n" for e in events]
+    (folder / "events.jsonl").write_text("".join(lines) + '{"t": 20.0, "event": "tu')  # half
+
+    def turn(start: float) -> TurnResult:
+        return TurnResult(index=0, speech_start=start, speech_end=start + 2.0)
+
+    assert asyncio.run(_asked_again(tmp_path, "c0ffee", turn(4.0)))
+    assert not asyncio.run(_asked_again(tmp_path, "c0ffee", turn(9.0)))  # answered since
+    assert not asyncio.run(_asked_again(tmp_path, "c0ffee", turn(14.0)))  # nothing logged yet
+    assert not asyncio.run(_asked_again(tmp_path, "another-call", turn(4.0)))
+
+
 def test_the_phone_band_keeps_speech_frequencies_and_a_pause_stays_quiet() -> None:
     t = np.arange(8000) / 8000
     burst = np.concatenate([np.zeros(8000), 0.5 * np.sin(2 * np.pi * 1000 * t), np.zeros(8000)])
@@ -115,10 +167,21 @@ def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() 
 
 
 def test_bench_quality_places_a_real_call_and_scores_it() -> None:
+    """A real call on the clean line, to a bot that doubts every word it hears: it asks each
+    question again, and the bench's caller says each once more, slower, and is heard."""
     clean = [c for c in bench_quality.CONDITIONS if c.name == "clean"]
-    result = bench_quality.run(clean, progress=False)
+    doubts = {"VOICEBOT_PROFILES_ASSISTANT_MISHEARD_BELOW": "0"}
+    result = bench_quality.run(clean, env=doubts, progress=False)
     json.dumps(result)  # what --json prints
+    questions = [
+        t for t in result["turns"] if t["said"] not in {a.text for a in ASKS if a.transfer}
+    ]
+    assert len(questions) == len(ASKS) - 1
+    for turn in questions:
+        assert turn["asked_again"] and turn["said_again"], turn
+        assert turn["latency_again_ms"] is not None and turn["heard_again"].strip(), turn
     row = result["conditions"]["clean"]
+    assert row["asked_again"] == len(questions) and row["facts_first_try"] <= row["facts_right"]
     assert row["turns"] == len(ASKS) and row["answered"] >= len(ASKS) - 1
     assert row["repeats"] == 0 and row["empty"] == 0
     assert row["wer"] <= row["offline_wer"] + 0.1  # the pipeline loses no words

@@ -141,6 +141,30 @@ def test_a_talk_over_is_the_bot_speaking_between_the_callers_first_and_last_soun
     assert after_tail.response_latency_ms is not None and after_tail.response_latency_ms < 600
 
 
+def test_a_caller_says_a_turn_again_when_its_hook_asks_after_the_reply(calls_dir: Path) -> None:
+    """The ``again`` hook sees each turn once its reply is measured; a clip it returns is said
+    before the next turn, answered and measured like any turn, and marked as said again."""
+    settings = make_settings(calls_dir)
+    seen: list[tuple[int, bool, float | None]] = []
+    slower = tone(400, 0.9)
+
+    async def again(turn: Any) -> bytes | None:
+        seen.append((turn.index, turn.again, turn.response_latency_ms))
+        return slower if turn.index == 0 and not turn.again else None
+
+    turns = [tone(400, 0.6), tone(500, 0.6)]
+    kwargs = {"turns": turns, "greeting_wait": 0.2, "quiet": 0.4, "again": again}
+    sim = run_call(settings, kwargs, answering_bot(settings, 0.3))
+    assert [(index, said_again) for index, said_again, _ in seen] == [(0, False), (1, False)]
+    assert all(latency is not None for _, _, latency in seen)  # asked after the reply
+    first, repeat, second = sim.report.turns
+    assert (first.index, repeat.index, second.index) == (0, 0, 1)
+    assert (first.again, repeat.again, second.again) == (False, True, False)
+    assert repeat.speech_end - repeat.speech_start == pytest.approx(0.9, abs=0.03)
+    assert repeat.response_latency_ms is not None and repeat.response_latency_ms < 600
+    assert repeat.speech_start > first.speech_end + 0.3 and second.speech_start > repeat.speech_end
+
+
 def mute_bot(settings: Any) -> Any:
     """A session handler whose call listens and never answers."""
 
