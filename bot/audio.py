@@ -289,10 +289,6 @@ class PlayoutBuffer:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
-    @property
-    def pending_seconds(self) -> float:
-        return len(self._buf) / 2 / self._rate
-
     def set_rate(self, rate: int) -> None:
         """Switch rate (the call's real rate became known); converts what is buffered."""
         if rate == self._rate:

@@ -284,10 +284,6 @@ class Connection:
         else:
             self._eof = True
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
     def next_event(self) -> Event | NeedData:
         """The next complete event, :data:`NEED_DATA`, or a :class:`RemoteProtocolError`."""
         if self._error is not None:

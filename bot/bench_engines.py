@@ -94,7 +94,7 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         out["transcribe_s"] = seconds
         out["real_time_factor"] = statistics.median(rtfs)
     elif case == "llm":
-        from .engines.llm import Conversation, LlamaLlm, Usage
+        from .engines.llm import Dialogue, LlamaLlm, Usage
 
         llm = LlamaLlm(llm_o, progress=False)
         out["model"] = llm_o.model
@@ -102,7 +102,7 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         start = time.perf_counter()
         llm.warm_up()
         out["warm_up_s"] = time.perf_counter() - start
-        conv = Conversation(llm, max_tokens=llm_o.max_tokens)
+        conv = Dialogue(llm, max_tokens=llm_o.max_tokens)
         firsts, rates = [], []
         for question in LLM_QUESTIONS:
             usage = Usage()

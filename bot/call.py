@@ -222,7 +222,7 @@ class Call:
                 if by_bot:
                     await asyncio.shield(s.hangup(self.end_reason))
                 else:
-                    await asyncio.shield(s.let_go())
+                    await asyncio.shield(s.release())
             try:
                 await self._await_asterisk()
             finally:

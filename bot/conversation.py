@@ -43,8 +43,7 @@ from .call import Call
 from .config import AssistantProfile, Settings
 from .directory import TransferFailed
 from .engines import EngineError
-from .engines.llm import Conversation as Dialogue
-from .engines.llm import Usage
+from .engines.llm import Dialogue, Usage
 from .engines.stack import Engines
 from .engines.stt import Transcript
 from .engines.tts import speak
@@ -383,7 +382,7 @@ class Turn:
     max_length: bool = False
     clauses: list[ClauseTiming] = field(default_factory=list)
     # Set once the turn has ended: a reply started ahead of the endpoint waits for it.
-    release: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str, t: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if t is None else t)
@@ -443,15 +442,15 @@ class Assistant:
         self._speculation: tuple[int, asyncio.Task[tuple[Transcript, float]]] | None = None
         self._reply: asyncio.Task[None] | None = None
         # A reply started at a pause, before the endpoint (voiced frames then, its turn).
-        self._ahead: tuple[int, Turn] | None = None
+        self._ahead_turn: tuple[int, Turn] | None = None
         self._turn: Turn | None = None
         self._turns = 0
-        self._carry = ""  # words of a turn whose reply was cut off before it was heard
+        self._unheard_words = ""  # words of a turn whose reply was cut off before it was heard
         # Clear while the caller's voice is heard outside our own speech: the reply holds its
         # next clause (see _respond's play), so a pause mid-answer the caller took for its end
         # does not become both talking at once.
-        self._floor = asyncio.Event()
-        self._floor.set()
+        self._caller_quiet = asyncio.Event()
+        self._caller_quiet.set()
         self._transfer_asked: str | None = None  # why the caller wants a person
         # A spoken request is handed over no sooner than min_response_ms after the caller's
         # last word, and not while they are talking ("a person, ... please").
@@ -503,9 +502,9 @@ class Assistant:
                 for event in detector.feed(audio.pcm, t, gated=self._gated(t)):
                     await self._on_event(event, detector)
                 if detector.hearing(t):
-                    self._floor.clear()
+                    self._caller_quiet.clear()
                 else:
-                    self._floor.set()
+                    self._caller_quiet.set()
         finally:
             await self._cancel_reply()
             if self._speculation is not None:
@@ -528,7 +527,7 @@ class Assistant:
                 heard = self._turn is not None and "first_frame_out" in self._turn.marks
                 if not heard and self._turn is not None:
                     # The caller went on before hearing anything: fold both into one turn.
-                    self._carry = f"{self._carry} {self._turn.transcript}".strip()
+                    self._unheard_words = f"{self._unheard_words} {self._turn.transcript}".strip()
                 await self._cancel_reply()
                 self.call.state = "listening"
         elif isinstance(event, Paused):
@@ -537,9 +536,9 @@ class Assistant:
             if self._speculation is not None:
                 self._speculation[1].cancel()
                 self._speculation = None
-            await self._drop_ahead()
+            await self._drop_reply_ahead()
         elif isinstance(event, Discarded):
-            await self._drop_ahead()
+            await self._drop_reply_ahead()
             self.call.calllog.event("turn_discarded", reason=event.reason)
         elif isinstance(event, EndOfTurn):
             await self._end_of_turn(event)
@@ -562,16 +561,16 @@ class Assistant:
             if not done.cancelled() and done.exception() is None and detector.in_speech:
                 detector.hint_complete(looks_complete(done.result()[0].text))
                 if self._speculation == (paused.voiced_frames, done):
-                    self._reply_ahead(paused.voiced_frames, *done.result())
+                    self._start_reply_ahead(paused.voiced_frames, *done.result())
 
         task.add_done_callback(hint)
         self._speculation = (paused.voiced_frames, task)
 
-    def _reply_ahead(self, voiced_frames: int, transcript: Transcript, done_t: float) -> None:
+    def _start_reply_ahead(self, voiced_frames: int, transcript: Transcript, done_t: float) -> None:
         """Starts the reply to the words so far while the caller pauses: if the pause becomes
         the endpoint, the answer is already on its way (its audio waits for the endpoint);
         if the caller goes on, it is dropped, and never joins the conversation's history."""
-        text = join_digits(f"{self._carry} {transcript.text}".strip())
+        text = join_digits(f"{self._unheard_words} {transcript.text}".strip())
         if (
             not self.assets.settings.turns.reply_ahead
             or not re.search(r"\w", text)
@@ -584,34 +583,34 @@ class Assistant:
             return
         turn = Turn(self._turns + 1, transcript=text, stt_speculative=True)
         turn.mark("stt_done", done_t)
-        self._ahead = (voiced_frames, turn)
+        self._ahead_turn = (voiced_frames, turn)
         self._reply = asyncio.create_task(
             self._respond(turn), name=f"{self.call.session.uuid}-reply-ahead-{turn.index}"
         )
 
-    async def _drop_ahead(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and not ahead[1].release.is_set():
+    async def _drop_reply_ahead(self) -> None:
+        ahead, self._ahead_turn = self._ahead_turn, None
+        if ahead is not None and not ahead[1].ended.is_set():
             await self._cancel_reply()
 
     async def _end_of_turn(self, end: EndOfTurn) -> None:
-        ahead = self._ahead
+        ahead = self._ahead_turn
         reply = self._reply
         if ahead is not None and ahead[0] == end.voiced_frames and reply is not None:
             # No voiced frame since the pause: the reply started then is the answer.
-            self._ahead = self._speculation = None
+            self._ahead_turn = self._speculation = None
             turn = ahead[1]
             self._turns = turn.index
             turn.max_length = end.reason == "max length"
             turn.mark("speech_end", end.speech_end)
             turn.mark("endpoint", end.t)
-            self._carry = ""
+            self._unheard_words = ""
             self._turn = turn
             if not reply.done() and "tts_first_audio" not in turn.marks:
                 self.call.state = "synthesizing" if "first_clause" in turn.marks else "thinking"
-            turn.release.set()
+            turn.ended.set()
             return
-        await self._drop_ahead()
+        await self._drop_reply_ahead()
         self.call.state = "transcribing"
         self._turns += 1
         turn = Turn(self._turns, max_length=end.reason == "max length")
@@ -629,8 +628,8 @@ class Assistant:
                 spec[1].cancel()
             transcript, done_t = await self._transcribe(end.audio)
             turn.mark("stt_done", done_t)
-        text = join_digits(f"{self._carry} {transcript.text}".strip())
-        self._carry = ""
+        text = join_digits(f"{self._unheard_words} {transcript.text}".strip())
+        self._unheard_words = ""
         turn.transcript = text
         if not text or not re.search(r"\w", text):
             self.call.calllog.event(
@@ -652,7 +651,7 @@ class Assistant:
         if self._misheard(transcript):
             turn.misheard = round(transcript.confidence or 0.0, 2)
         self._turn = turn
-        turn.release.set()
+        turn.ended.set()
         self._reply = asyncio.create_task(
             self._respond(turn), name=f"{self.call.session.uuid}-reply-{turn.index}"
         )
@@ -740,9 +739,7 @@ class Assistant:
             text = ""
             first_clause = ClauseSplitter(first_max_words=first_words)
             first_seen = False
-            for piece in self.dialogue.reply(
-                turn.transcript, usage=usage, keep=turn.release.is_set
-            ):
+            for piece in self.dialogue.reply(turn.transcript, usage=usage, keep=turn.ended.is_set):
                 if not first_seen and first_clause.feed(piece):
                     first_seen = True
                     llm_may_run.clear()  # before the piece is out: ``talk`` sets it again
@@ -766,7 +763,7 @@ class Assistant:
                         for clause in splitter.feed(piece):
                             if "first_clause" not in turn.marks:
                                 turn.mark("first_clause")
-                                if turn.release.is_set():
+                                if turn.ended.is_set():
                                     call.state = "synthesizing"
                             clauses.put_nowait((clause, time.monotonic()))
                 rest = splitter.flush()
@@ -812,7 +809,7 @@ class Assistant:
                     if trimmer.heard:
                         queue(trimmer.end())
                     if not llm_may_run.is_set():
-                        await turn.release.wait()  # a reply ahead goes no further
+                        await turn.ended.wait()  # a reply ahead goes no further
                         llm_may_run.set()  # the first clause is synthesized
                 if not "".join(pieces).strip() and self.profile.say_again:
                     # Words Whisper doubts, or a model with nothing to say but the caller's
@@ -823,7 +820,7 @@ class Assistant:
                 played.put_nowait(None)
 
         async def play() -> None:
-            await turn.release.wait()  # a reply ahead of the endpoint waits for it
+            await turn.ended.wait()  # a reply ahead of the endpoint waits for it
             # A question ends its turn after a short hangover, so the answer is under way
             # sooner; it is heard no sooner than min_response_ms after the caller's last word
             # all the same: a caller who only took a breath after question-like words ("Could
@@ -836,14 +833,14 @@ class Assistant:
                 # Nothing of ours is playing and the caller's voice began: wait until it
                 # stops, or becomes a turn (SpeechStarted cancels this reply); a line whose
                 # noise keeps the VAD flickering holds a clause no longer than FLOOR_HOLD_S.
-                if not self._floor.is_set() and not self._gated(time.monotonic()):
+                if not self._caller_quiet.is_set() and not self._gated(time.monotonic()):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(FLOOR_HOLD_S):
-                            await self._floor.wait()
+                            await self._caller_quiet.wait()
                 call.state = "speaking"
                 await call.play(pcm)
 
-        if turn.release.is_set():
+        if turn.ended.is_set():
             call.state = "thinking"
         try:
             self.assets.replies_working += 1
@@ -862,7 +859,7 @@ class Assistant:
         finally:
             llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = turn.reply or "".join(pieces).strip()
-            if turn.release.is_set():
+            if turn.ended.is_set():
                 call.calllog.event(
                     "turn",
                     index=turn.index,

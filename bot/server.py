@@ -210,7 +210,7 @@ class Session:
                 await self._linger()
         await self.close()
 
-    async def let_go(self) -> None:
+    async def release(self) -> None:
         """End the call from our side without a 0x00 (Asterisk moved the caller elsewhere and a
         hangup frame could race the move): half-close and linger, so the peer, whose frames
         are still in flight, sees a FIN and not a reset."""

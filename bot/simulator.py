@@ -380,11 +380,3 @@ class CallerSimulator:
     def _first_voiced_after(self, after: float) -> float:
         i = bisect.bisect_right(self.voiced_rx_times, after)
         return self.voiced_rx_times[i] if i < len(self.voiced_rx_times) else self.now()
-
-
-async def place_call(
-    host: str, port: int, turns: list[bytes] | None = None, **kwargs: Any
-) -> tuple[CallReport, CallerSimulator]:
-    sim = CallerSimulator(host, port, turns, **kwargs)
-    report = await sim.run()
-    return report, sim

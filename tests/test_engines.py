@@ -22,7 +22,7 @@ from bot.audio import float_to_pcm, pcm_to_float
 from bot.config import AssistantProfile
 from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
 from bot.engines.llm import (
-    Conversation,
+    Dialogue,
     LlamaLlm,
     LlmOptions,
     Usage,
@@ -428,7 +428,7 @@ def test_llm_keeps_each_conversation_in_its_sequence(
 def test_llm_prepares_a_conversations_next_turn_after_each_reply(
     llm: LlamaLlm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conv = Conversation(llm, system_prompt="You are Cy, the test line.", max_tokens=12)
+    conv = Dialogue(llm, system_prompt="You are Cy, the test line.", max_tokens=12)
     assert "".join(conv.reply("Hi, who are you?")).strip()
     assert any(
         "You are Cy" in cached and cached.endswith("<|im_start|>user\n")
@@ -450,14 +450,14 @@ def test_llm_reuses_an_ended_calls_sequence_not_a_live_calls(
     for slot in llm._slots:  # what earlier tests left is nobody's
         slot.spare = True
     system = "You are Di, on a test line. Answer briefly."
-    short = Conversation(llm, system_prompt=system, max_tokens=3)
+    short = Dialogue(llm, system_prompt=system, max_tokens=3)
     assert "".join(short.reply("Hi.")).strip()
-    others = [Conversation(llm, system_prompt=system, max_tokens=24) for _ in range(3)]
+    others = [Dialogue(llm, system_prompt=system, max_tokens=24) for _ in range(3)]
     for i, conv in enumerate(others):
         assert "".join(conv.reply(f"Tell me a long story about the number {i + 2}.")).strip()
     assert not any(slot.spare for slot in llm._slots)  # one sequence each
     others[0].close()  # that call hung up
-    newcomer = Conversation(llm, system_prompt=system, max_tokens=3)
+    newcomer = Dialogue(llm, system_prompt=system, max_tokens=3)
     assert "".join(newcomer.reply("Good morning.")).strip()
     spy = DecodeSpy(llm, monkeypatch)
     assert "".join(short.reply("Thanks.")).strip()
@@ -700,13 +700,13 @@ def test_llm_honours_max_tokens_and_stop(llm: LlamaLlm) -> None:
 
 
 def test_two_concurrent_conversations_keep_separate_histories(llm: LlamaLlm) -> None:
-    anna = Conversation(
+    anna = Dialogue(
         llm, system_prompt="You are a helpful assistant. The caller is Anna.", max_tokens=20
     )
-    bob = Conversation(llm, system_prompt="You are a pirate. The caller is Bob.", max_tokens=20)
+    bob = Dialogue(llm, system_prompt="You are a pirate. The caller is Bob.", max_tokens=20)
     replies: dict[str, str] = {}
 
-    def talk(name: str, conv: Conversation) -> None:
+    def talk(name: str, conv: Dialogue) -> None:
         for question in ("Hello, who am I?", "Thanks. Say goodbye."):
             replies[f"{name}:{question}"] = "".join(conv.reply(question))
 
@@ -727,7 +727,7 @@ def test_two_concurrent_conversations_keep_separate_histories(llm: LlamaLlm) -> 
 
 
 def test_history_is_trimmed_to_the_context_window(llm: LlamaLlm) -> None:
-    conv = Conversation(llm, max_tokens=20)
+    conv = Dialogue(llm, max_tokens=20)
     long_turn = "word " * 300
     for _ in range(8):
         conv.history += [

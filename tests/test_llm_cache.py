@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot.engines.llm import Conversation, EchoGuard, LlamaLlm, LlmOptions
+from bot.engines.llm import Dialogue, EchoGuard, LlamaLlm, LlmOptions
 from bot.wording import words
 
 SYSTEM = "You are the phone assistant of a bike shop. Answer in one short sentence."
@@ -95,7 +95,7 @@ def audit(llm: LlamaLlm, ref: Reference) -> None:
         assert np.corrcoef(got, want)[0, 1] > 0.99, f"sequence {slot.seq}"
 
 
-def holds(llm: LlamaLlm, conv: Conversation) -> bool:
+def holds(llm: LlamaLlm, conv: Dialogue) -> bool:
     """Some sequence holds exactly the call's prompt built from scratch, up to where the
     caller's next words will go."""
     want = llm._up_to_next_user(conv.messages("")[:-1])
@@ -107,11 +107,11 @@ def test_every_sequence_holds_what_its_bookkeeping_says_after_random_calls(
 ) -> None:
     ref = Reference(llm)
     rng = random.Random(5)
-    live: list[Conversation] = []
+    live: list[Dialogue] = []
     for step in range(40):
         op = rng.choice(["start", "turn", "turn", "cut", "ahead", "end", "together"])
         if op == "start" or not live:
-            live.append(Conversation(llm, system_prompt=SYSTEM, max_tokens=16))
+            live.append(Dialogue(llm, system_prompt=SYSTEM, max_tokens=16))
         conv = rng.choice(live)
         if op in ("turn", "start"):
             assert "".join(conv.reply(rng.choice(CALLER))).strip()
@@ -152,7 +152,7 @@ def test_no_reply_repeats_the_callers_words_over_many_calls(llm: LlamaLlm) -> No
     replies: list[tuple[str, str]] = []
     rng = random.Random(9)
     for _ in range(8):
-        conv = Conversation(llm, system_prompt=SYSTEM, max_tokens=24)
+        conv = Dialogue(llm, system_prompt=SYSTEM, max_tokens=24)
         for text in rng.sample(CALLER, 4):
             replies.append((text, "".join(conv.reply(text)).strip()))
         conv.close()
@@ -184,7 +184,7 @@ class Scripted:
 def test_an_echo_is_never_said_and_is_answered_again() -> None:
     text = "I would like to cancel my subscription, please."
     llm = Scripted(["I would", " like to", " cancel my", " subscription"], ["Of course", "."])
-    conv = Conversation(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
+    conv = Dialogue(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
     assert "".join(conv.reply(text)) == "Of course."
     assert "repeat" in llm.prompts[1][-1]["content"]  # the second try is reminded
     assert conv.history[-2:] == [
@@ -204,6 +204,6 @@ def test_echo_guard_holds_only_what_repeats_the_caller() -> None:
 
 def test_a_reply_with_nothing_said_leaves_no_trace() -> None:
     llm = Scripted([])
-    conv = Conversation(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
+    conv = Dialogue(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
     assert "".join(conv.reply("Hello there, anyone?")) == ""
     assert conv.history == []

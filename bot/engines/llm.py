@@ -1,7 +1,7 @@
 """Thinking with llama-cpp-python: streaming chat completions and per-call conversations.
 
 One :class:`LlamaLlm` per process holds the weights and one llama.cpp context; each call has its
-own :class:`Conversation` (system prompt + history). The replies of all calls are decoded
+own :class:`Dialogue` (system prompt + history). The replies of all calls are decoded
 together (continuous batching): each reply has a sequence of the context's KV cache, and every
 ``llama_decode`` takes one token of each reply in progress plus the prompts of new ones. A
 sequence keeps its cache after its reply, so a call's next turn evaluates only the new words;
@@ -640,7 +640,7 @@ class EchoGuard:
 
 
 @dataclass
-class Conversation:
+class Dialogue:
     """One call's dialogue: a system prompt and the turns so far, trimmed to the context."""
 
     llm: LlamaLlm
@@ -717,4 +717,4 @@ class Conversation:
                 self.llm.forget(self.messages("")[:-1])
 
 
-__all__ = ["Conversation", "EchoGuard", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
+__all__ = ["Dialogue", "EchoGuard", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
