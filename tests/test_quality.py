@@ -166,6 +166,18 @@ def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() 
         assert "capital" in heard and "france" in heard, (name, heard)
 
 
+def test_a_caller_asked_to_say_it_again_says_it_slower() -> None:
+    voices = Voices()
+    if voices.espeak is None or voices.flite is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have every caller voice: apt-get install espeak-ng flite")
+        pytest.skip("espeak-ng or flite is not installed")
+    text = "Can I talk to a person, please?"
+    for name in ("piper", "espeak:en-us", "flite:slt"):
+        again = len(voices.say(text, name, slower=True)) / len(voices.say(text, name))
+        assert 1.15 < again < 1.4, (name, again)  # 1 / SLOWER: 1.25 times as long
+
+
 def test_bench_quality_places_a_real_call_and_scores_it() -> None:
     """A real call on the clean line, to a bot that doubts every word it hears: it asks each
     question again, and the bench's caller says each once more, slower, and is heard."""
