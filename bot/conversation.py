@@ -540,6 +540,8 @@ class Assistant:
         elif isinstance(event, Discarded):
             await self._drop_reply_ahead()
             self.call.calllog.event("turn_discarded", reason=event.reason)
+            if self._unheard_words and (self._reply is None or self._reply.done()):
+                self._answer_unheard(event.t)
         elif isinstance(event, EndOfTurn):
             await self._end_of_turn(event)
 
@@ -650,6 +652,20 @@ class Assistant:
             return
         if self._misheard(transcript):
             turn.misheard = round(transcript.confidence or 0.0, 2)
+        self._start_reply(turn)
+
+    def _answer_unheard(self, t: float) -> None:
+        """What cut the last answer off before it was heard was too short to be a turn (a
+        click, a cough, a phone's DTX burst): the words that answer was for are answered now."""
+        cut = self._turn
+        self._turns += 1
+        turn = Turn(self._turns, misheard=cut.misheard if cut is not None else None)
+        turn.mark("speech_end", t)
+        turn.mark("endpoint", t)
+        turn.transcript, self._unheard_words = self._unheard_words, ""
+        self._start_reply(turn)
+
+    def _start_reply(self, turn: Turn) -> None:
         self._turn = turn
         turn.ended.set()
         self._reply = asyncio.create_task(

@@ -480,6 +480,28 @@ def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     assert answered["marks_ms"]["endpoint"] < 400
 
 
+def test_a_click_too_short_to_be_a_turn_does_not_lose_the_answer_it_cut_off(
+    calls_dir: Path,
+) -> None:
+    """A sound under ``min_speech_ms`` after the question (a click, a cough, a phone's DTX
+    burst) cancels the answer under way, then turns out to be no turn: the question is
+    answered all the same (it went unanswered, and the caller waited in silence)."""
+    settings, engines, assets = setup(calls_dir)
+    engines.stt.text = "Could you recommend a good book?"
+    turn = speech(0.8) + pause(0.45) + speech(0.12)
+    sim = run_call(settings, assets, [turn], greeting_wait=0, quiet=0.8)
+    [result] = sim.report.turns
+    assert result.response_latency_ms is not None and result.talk_over_frames == 0
+    events = call_events(calls_dir)
+    assert [e["reason"] for e in events if e["event"] == "turn_discarded"] == [
+        "120 ms of speech is under 200 ms"
+    ]
+    cut, answered = [e for e in events if e["event"] == "turn"]
+    assert cut["interrupted"] and "first_frame_out" not in cut["marks_ms"]  # never heard
+    assert answered["transcript"] == engines.stt.text and not answered["interrupted"]
+    assert "first_frame_out" in answered["marks_ms"]
+
+
 def test_a_voice_that_never_stops_is_answered_at_max_utterance_and_not_taken_back(
     calls_dir: Path,
 ) -> None:
