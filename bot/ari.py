@@ -3,9 +3,10 @@
 The dialplan hands the call over with ``Stasis(voicebot,PROFILE)``. For each caller channel the
 application answers, creates an externalMedia channel (``encapsulation=audiosocket``,
 ``transport=tcp``, ``format=slin16``, ``data=<uuid>``: Asterisk then dials the bot's AudioSocket
-port and sends that UUID first), bridges the two, and records UUID -> profile in the
-:class:`~bot.directory.Directory` before the bot's socket connects. Either side hanging up tears
-everything down; a transfer sends the caller back to the dialplan with ``continue``.
+port and sends that UUID first), bridges the two once that channel is in the application too
+(its own StasisStart, which may come after the request returned), and records UUID -> profile
+in the :class:`~bot.directory.Directory` before the bot's socket connects. Either side hanging
+up tears everything down; a transfer sends the caller back to the dialplan with ``continue``.
 
 Why not ari-py: it imports ``urlparse`` and cannot load on any Python 3. ARI is a small REST API
 plus one websocket of JSON events, so this speaks it directly with aiohttp.
@@ -19,7 +20,7 @@ import contextlib
 import json
 import logging
 import uuid as uuid_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -46,6 +47,9 @@ class AriCall:
     media: str = ""  # externalMedia channel id
     transferring: bool = False
     ended: bool = False
+    # Set at the media channel's own StasisStart: only then can it join a bridge (before it,
+    # addChannel answers 422 "Channel not in Stasis application").
+    media_in_stasis: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class AriApp:
@@ -133,8 +137,10 @@ class AriApp:
         cid = channel.get("id", "")
         try:
             if kind == "StasisStart":
-                if cid in self._media:
-                    return  # our own externalMedia channel entering the application
+                if cid in self._media:  # our own externalMedia channel entering the application
+                    if self._media[cid] in self.calls:
+                        self.calls[self._media[cid]].media_in_stasis.set()
+                    return
                 await self._start(channel, [str(a) for a in event.get("args", [])])
             elif kind in ("StasisEnd", "ChannelHangupRequest", "ChannelDestroyed"):
                 if cid in self.calls:
@@ -185,6 +191,8 @@ class AriApp:
             direction="both",
             data=call_uuid,
         )
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            await call.media_in_stasis.wait()
         await self.request("POST", f"bridges/{call.bridge}/addChannel", channel=f"{cid},{media_id}")
 
     async def _end(self, call: AriCall, *, why: str, hang_up: bool = False) -> None:

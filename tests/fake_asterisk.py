@@ -2,7 +2,9 @@
 
 They speak the documented wire formats and record what the bot asked for; ARI's externalMedia
 also does what Asterisk does with ``encapsulation=audiosocket``: it dials the bot's AudioSocket
-port and sends the ``data`` UUID first (through the project's Asterisk-faithful simulator).
+port and sends the ``data`` UUID first (through the project's Asterisk-faithful simulator), and
+the new channel enters the Stasis application a little after the request returned (its own
+StasisStart), so adding it to a bridge before that gets Asterisk's 422.
 """
 
 from __future__ import annotations
@@ -29,12 +31,21 @@ class Request:
 
 
 class FakeAri:
-    def __init__(self, username: str, password: str, *, media_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        username: str,
+        password: str,
+        *,
+        media_seconds: float = 1.0,
+        media_enters_stasis_after: float = 0.2,
+    ) -> None:
         self.auth = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self.requests: list[Request] = []
         self.sockets: list[web.WebSocketResponse] = []
         self.connected = asyncio.Event()
         self.media_seconds = media_seconds
+        self.media_enters_stasis_after = media_enters_stasis_after
+        self.in_stasis: set[str] = set()  # channel ids in the application
         self.media_calls: list[CallerSimulator] = []
         self.media_done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -67,9 +78,12 @@ class FakeAri:
         if request.method == "POST" and path == "bridges":
             return web.json_response({"id": f"bridge-{len(self.requests)}", "technology": "x"})
         if request.method == "POST" and path == "channels/externalMedia":
-            task = asyncio.create_task(self._dial_bot(params))
-            self._tasks.add(task)
+            for job in (self._dial_bot(params), self._enter_stasis(params["channelId"])):
+                self._tasks.add(asyncio.create_task(job))
             return web.json_response({"id": params["channelId"], "name": "AudioSocket/x"})
+        in_stasis = set(params.get("channel", "").split(",")) <= self.in_stasis
+        if request.method == "POST" and path.endswith("/addChannel") and not in_stasis:
+            return web.json_response({"message": "Channel not in Stasis application"}, status=422)
         if request.method == "DELETE":
             return web.Response(status=204)
         return web.Response(status=204)
@@ -89,7 +103,18 @@ class FakeAri:
         await sim.run()
         self.media_done.set()
 
+    async def _enter_stasis(self, channel_id: str) -> None:
+        await asyncio.sleep(self.media_enters_stasis_after)  # Asterisk's own set-up time
+        event = stasis_start(channel_id)
+        event["channel"]["name"] = f"AudioSocket/{channel_id}"
+        await self.push(event)
+
     async def push(self, event: dict[str, Any]) -> None:
+        channel_id = event.get("channel", {}).get("id", "")
+        if event["type"] == "StasisStart":
+            self.in_stasis.add(channel_id)
+        elif event["type"] == "StasisEnd":
+            self.in_stasis.discard(channel_id)
         for ws in self.sockets:
             await ws.send_str(json.dumps(event))
 
