@@ -20,7 +20,6 @@ and a person to talk to. Per condition and overall it reports:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 from . import noise
 from .audio import float_to_pcm, frame_bytes, pcm_to_ulaw, ulaw_to_pcm
 from .bench_calls import summary
-from .calllog import EVENTS_FILE, list_calls, read_call
+from .calllog import list_calls, read_call
 from .scenarios import Voices
 from .simulator import CallerSimulator, CallReport, TurnResult
 from .subserver import serving
@@ -199,10 +198,7 @@ async def _asked_again(logs: Path, call_uuid: str, turn: TurnResult) -> bool:
 def _turns_logged(logs: Path, call_uuid: str, since: float) -> list[dict[str, Any]]:
     """The turns in a call's log (still being written: complete lines) from ``since`` on."""
     folder = next(logs.glob(f"*-{call_uuid}"), None)
-    if folder is None:
-        return []
-    lines = (folder / EVENTS_FILE).read_text(encoding="utf-8").split("\n")[:-1]
-    events = [json.loads(line) for line in lines if line.strip()]
+    events = read_call(folder).events if folder is not None else []
     return [e for e in events if e["event"] == "turn" and e["t"] >= since]
 
 

@@ -97,11 +97,13 @@ class CallRecord:
 
 
 def read_call(folder: str | Path) -> CallRecord:
+    """A call's events so far: a call still going on (or cut off by a crash) may have its last
+    line half written, and that line is not an event yet."""
     folder = Path(folder)
     events = []
     with (folder / EVENTS_FILE).open(encoding="utf-8") as fh:
         for line in fh:
-            if line.strip():
+            if line.strip() and line.endswith("\n"):
                 events.append(json.loads(line))
     return CallRecord(folder, events)
 

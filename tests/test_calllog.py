@@ -27,6 +27,14 @@ def test_log_folder_events_and_summary(tmp_path: Path) -> None:
         log.event("late")
 
 
+def test_a_call_still_being_logged_reads_up_to_its_last_whole_line(tmp_path: Path) -> None:
+    log = CallLog(tmp_path, "abc")
+    log.event("call_start", peer="1.2.3.4:5")
+    with (log.folder / EVENTS_FILE).open("a") as fh:
+        fh.write('{"t": 1.5, "event": "tu')  # the line being written as it is read
+    assert [e["event"] for e in read_call(log.folder).events] == ["call_start"]
+
+
 def test_calls_are_listed_newest_first(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
