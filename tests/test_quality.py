@@ -148,12 +148,19 @@ def test_the_phone_band_keeps_speech_frequencies_and_a_pause_stays_quiet() -> No
         assert np.sqrt(np.mean(tone**2)) < 0.5 * 10 ** (-40 / 20)
 
 
-def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() -> None:
+def every_caller_voice() -> Voices:
+    """The caller voices, espeak-ng's and flite's included (CI must have them; elsewhere the
+    test is skipped without them)."""
     voices = Voices()
     if voices.espeak is None or voices.flite is None:
         if os.environ.get("CI"):
             pytest.fail("CI must have every caller voice: apt-get install espeak-ng flite")
         pytest.skip("espeak-ng or flite is not installed")
+    return voices
+
+
+def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() -> None:
+    voices = every_caller_voice()
     names = voices.available("jm_kumo")
     assert "kokoro:jm_kumo" not in names  # never the bot's own voice
     assert len(names) == 1 + len(ESPEAK_VOICES) + len(FLITE_VOICES) + len(KOKORO_VOICES) - 1
@@ -167,11 +174,7 @@ def test_the_caller_voices_are_every_engine_s_taking_turns_and_flite_is_heard() 
 
 
 def test_a_caller_asked_to_say_it_again_says_it_slower() -> None:
-    voices = Voices()
-    if voices.espeak is None or voices.flite is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have every caller voice: apt-get install espeak-ng flite")
-        pytest.skip("espeak-ng or flite is not installed")
+    voices = every_caller_voice()
     text = "Can I talk to a person, please?"
     for name in ("piper", "espeak:en-us", "flite:slt"):
         again = len(voices.say(text, name, slower=True)) / len(voices.say(text, name))
