@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
+from .asterisk.directory import Directory
+from .asterisk.server import AudioSocketServer, Session, Timeouts
 from .call import Call, echo
 from .config import AssistantProfile, Settings
-from .directory import Directory
-from .server import AudioSocketServer, Session, Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> object 
     """Loads, warms and prepares the engines (in a worker thread), if any profile needs them."""
     if not needs_engines(settings):
         return None
-    from .conversation import Assets
+    from .conversation.assistant import Assets
     from .engines.stack import Engines
 
     def load() -> Assets:
@@ -73,7 +73,7 @@ async def busy(call: Call) -> None:
 
 
 def _assistant(name: str, assets: object | None) -> Callable[[Call], Awaitable[None]]:
-    from .conversation import Assets, Assistant
+    from .conversation.assistant import Assets, Assistant
 
     if not isinstance(assets, Assets):
         raise RuntimeError(f"profile {name} needs the engines, which were not loaded")
@@ -179,13 +179,13 @@ class Bot:
             self.servers[profile if profile not in self.servers else f"{profile}:{port}"] = server
             self._tasks.append(asyncio.create_task(server.serve_forever(), name=f"serve-{port}"))
         if s.ami.enabled:
-            from .ami import AmiLink
+            from .asterisk.ami import AmiLink
 
             ami = AmiLink(s.ami, self.directory)
             await ami.connect()
             self.links.append(ami)
         if s.ari.enabled:
-            from .ari import AriApp
+            from .asterisk.ari import AriApp
 
             ari = AriApp(s.ari, self.directory)
             self.links.append(ari)

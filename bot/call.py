@@ -21,12 +21,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from . import audiosocket as proto
+from .asterisk import audiosocket as proto
+from .asterisk.directory import Directory, Route
+from .asterisk.server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
 from .audio import FRAME_SECONDS, Playout, PlayoutBuffer, silence
 from .calllog import CallLog
 from .config import EchoProfile, Profile, Settings
-from .directory import Directory, Route
-from .server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
 
 DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
 # Asterisk's first audio frame follows the UUID by ~20 ms and tells the call's rate. The playout
@@ -69,7 +69,7 @@ class Call:
         self.session = session
         self.directory = directory
         self.assets = assets  # engines and prompts shared by all calls (None: echo only)
-        self.route: Route | None = None  # what ARI/AMI know about the call (bot/directory.py)
+        self.route: Route | None = None  # what ARI/AMI know about the call (bot/asterisk/directory.py)
         self.on_dtmf: Callable[[str], None] | None = None  # the behaviour's DTMF hook
         self.profile_name = profile_name
         self.profile = profile
@@ -159,7 +159,7 @@ class Call:
         raise CallEnded(reason, by_bot=False)
 
     def asterisk_event(self, name: str, fields: dict[str, Any]) -> None:
-        """An event about this call from ARI or AMI (see bot/directory.py): into the log."""
+        """An event about this call from ARI or AMI (see bot/asterisk/directory.py): into the log."""
         self.calllog.event(name, **fields)
         if name == "asterisk_hangup":
             self._asterisk_hangup = True

@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__, config
 from .audio import read_wav, write_wav
 from .calllog import list_calls, read_call, render_summary
-from .simulator import CallerSimulator, DtmfAt
+from .tools.simulator import CallerSimulator, DtmfAt
 
 log = logging.getLogger("voicebot")
 
@@ -244,7 +244,7 @@ def cmd_calls(args: argparse.Namespace) -> int:
 
 
 def cmd_check_asterisk(args: argparse.Namespace) -> int:
-    from .astconf import lint
+    from .asterisk.astconf import lint
 
     compose = _compose_environment(args.compose) if args.compose else {}
     try:
@@ -292,7 +292,7 @@ def _listeners(settings: config.Settings) -> list[tuple[str, int]]:
 
 
 def cmd_originate(args: argparse.Namespace) -> int:
-    from .ami import AmiError, AmiLink
+    from .asterisk.ami import AmiError, AmiLink
 
     settings = _load_settings(args)
     if not settings.ami.secret:
@@ -325,8 +325,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .doctor import models_report
     from .engines import ModelUnavailable, models
+    from .tools.doctor import models_report
 
     if args.action == "install":
         if not args.names:
@@ -360,7 +360,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from . import doctor
+    from .tools import doctor
 
     settings = _load_settings(args)
     say = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
@@ -396,7 +396,7 @@ async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> 
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from . import bench_quality
+    from .tools import bench_quality
 
     env = {"VOICEBOT_CONFIG": args.config} if args.config else None
     known = {c.name: c for c in bench_quality.CONDITIONS}
@@ -411,7 +411,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "calls":
-        from . import bench_calls
+        from .tools import bench_calls
 
         env = {"VOICEBOT_CONFIG": args.config} if args.config else None
         result = bench_calls.run(
@@ -425,7 +425,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
         return _bench_quality(args)
     if args.what == "soak":
-        from . import bench_soak
+        from .tools import bench_soak
 
         env = {"VOICEBOT_CONFIG": args.config} if args.config else None
         result = bench_soak.run(
@@ -438,12 +438,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else bench_soak.render(result))
         return 0 if result["flat"] else 1
     if args.what == "engines":
-        from . import bench_engines
+        from .tools import bench_engines
 
         results = bench_engines.run_all(_load_settings(args).models, progress=True)
         print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
         return 1 if any("error" in r for r in results) else 0
-    from .subserver import serving
+    from .tools.subserver import serving
 
     results = []
     # Pacing is measured on as many calls as asked for, not on busy prompts: lift the limit.

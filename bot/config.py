@@ -220,7 +220,7 @@ Profile = EchoProfile | AssistantProfile
 
 @dataclass(frozen=True, slots=True)
 class TurnSettingsConfig:
-    """Turn detection (see bot/turns.py)."""
+    """Turn detection (see bot/conversation/turns.py)."""
 
     vad: str = _setting("webrtc", _one_of("webrtc", "silero"), "voice activity detector")
     vad_mode: int = _setting(3, _range(0, 3), "webrtcvad aggressiveness (3: strictest)")
@@ -249,7 +249,7 @@ class TurnSettingsConfig:
 
 @dataclass(frozen=True, slots=True)
 class AriSettings:
-    """ARI mode: a Stasis application bridges each call to the bot (see bot/ari.py)."""
+    """ARI mode: a Stasis application bridges each call to the bot (see bot/asterisk/ari.py)."""
 
     enabled: bool = _setting(False, None, "connect to Asterisk's REST interface at start-up")
     url: str = _setting("http://127.0.0.1:8088", _nonempty, "Asterisk's HTTP server (http.conf)")
@@ -264,7 +264,7 @@ class AriSettings:
 
 @dataclass(frozen=True, slots=True)
 class AmiSettings:
-    """AMI: hang-up and DTMF events into the call logs, transfers, originate (bot/ami.py)."""
+    """AMI: hang-up and DTMF events into the call logs, transfers, originate (bot/asterisk/ami.py)."""
 
     enabled: bool = _setting(False, None, "connect to Asterisk's manager interface at start-up")
     host: str = _setting("127.0.0.1", _nonempty, "manager.conf bindaddr")

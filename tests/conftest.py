@@ -12,7 +12,7 @@ import pytest
 
 from bot import config
 from bot.app import handler
-from bot.server import AudioSocketServer, Handler, Timeouts
+from bot.asterisk.server import AudioSocketServer, Handler, Timeouts
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "data" / "asterisk22"  # real Asterisk 22 captures (README there)

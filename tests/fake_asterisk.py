@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bot.simulator import CallerSimulator
+from bot.tools.simulator import CallerSimulator
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot.astconf import dialplan, lint, module_table, parse
+from bot.asterisk.astconf import dialplan, lint, module_table, parse
 from bot.config import load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import audiosocket as p
-from bot.audiosocket import (
+from bot.asterisk import audiosocket as p
+from bot.asterisk.audiosocket import (
     NEED_DATA,
     Audio,
     Closed,

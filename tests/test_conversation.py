@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot import audiosocket as proto
 from bot.app import handler
+from bot.asterisk import audiosocket as proto
+from bot.asterisk.directory import Directory, TransferFailed
 from bot.audio import is_silent
 from bot.calllog import list_calls, read_call
 from bot.config import AssistantProfile, Settings
-from bot.conversation import (
+from bot.conversation.assistant import (
     FIRST_AUDIO_DUE_S,
     FLOOR_HOLD_S,
     KEEP_BEFORE_FIRST_MS,
@@ -35,11 +36,10 @@ from bot.conversation import (
     ClauseTrimmer,
     iterate_in_thread,
 )
-from bot.directory import Directory, TransferFailed
 from bot.engines import EngineError, ModelUnavailable
 from bot.engines.llm import LlmOptions, Usage
 from bot.engines.stt import Transcript
-from bot.simulator import CallerSimulator, DtmfAt
+from bot.tools.simulator import CallerSimulator, DtmfAt
 
 from .conftest import make_settings, running_server, wait_until
 

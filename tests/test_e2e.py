@@ -9,12 +9,12 @@ import numpy as np
 
 from bot.audio import float_to_pcm
 from bot.calllog import list_calls, read_call
-from bot.conversation import MARKS
+from bot.conversation.assistant import MARKS
 from bot.engines.stt import WhisperStt
 from bot.engines.tts import PiperTts
-from bot.scenarios import phone_band
-from bot.simulator import CallerSimulator
-from bot.subserver import serving
+from bot.tools.scenarios import phone_band
+from bot.tools.simulator import CallerSimulator
+from bot.tools.subserver import serving
 
 
 def test_a_caller_asks_a_question_and_hears_a_spoken_answer(tmp_path: Path) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot import audiosocket as p
-from bot import noise
+from bot.asterisk import audiosocket as p
 from bot.audio import float_to_pcm, pcm_to_float
 from bot.config import AssistantProfile
 from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
@@ -55,6 +54,7 @@ from bot.engines.tts import (
     speak,
 )
 from bot.engines.vocoder import TorchVocoder
+from bot.tools import noise
 from bot.wording import word_errors
 
 from .conftest import fixture_stream

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from bot import audiosocket as p
+from bot.asterisk import audiosocket as p
+from bot.asterisk.server import AudioSocketServer, Timeouts
 from bot.calllog import list_calls, read_call
-from bot.server import AudioSocketServer, Timeouts
-from bot.simulator import CallerSimulator
+from bot.tools.simulator import CallerSimulator
 
 from .conftest import make_settings, running_server, wait_until
 
 TIMEOUTS = Timeouts(uuid=0.5, idle=0.6, write=0.5)
 BOUND = 8.0  # seconds any bad connection may live
 # A peer that stops reading is noticed once the socket buffers between us fill (kernel and
-# asyncio, kept small in bot/server.py) and a write then blocks for the write timeout.
+# asyncio, kept small in bot/asterisk/server.py) and a write then blocks for the write timeout.
 WEDGED_BOUND = 4.0
 
 

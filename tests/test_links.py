@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from bot.ami import AmiError, AmiLink
 from bot.app import Bot
+from bot.asterisk.ami import AmiError, AmiLink
+from bot.asterisk.directory import Directory, TransferFailed
 from bot.calllog import list_calls, read_call
 from bot.config import Settings
-from bot.directory import Directory, TransferFailed
-from bot.simulator import CallerSimulator
+from bot.tools.simulator import CallerSimulator
 
 from .conftest import make_settings, wait_until
 from .fake_asterisk import FakeAmi, FakeAri, channel_event, stasis_start

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot import bench_quality, noise
 from bot.audio import float_to_pcm
-from bot.bench_quality import (
+from bot.engines.stt import WhisperStt
+from bot.tools import bench_quality, noise
+from bot.tools.bench_quality import (
     ASKS,
     Ask,
     _answer,
@@ -24,9 +25,8 @@ from bot.bench_quality import (
     _turns_heard,
     _with_again,
 )
-from bot.engines.stt import WhisperStt
-from bot.scenarios import ESPEAK_VOICES, FLITE_VOICES, KOKORO_VOICES, Voices, phone_band
-from bot.simulator import TurnResult
+from bot.tools.scenarios import ESPEAK_VOICES, FLITE_VOICES, KOKORO_VOICES, Voices, phone_band
+from bot.tools.simulator import TurnResult
 
 
 def band_power(x: np.ndarray, lo: float, hi: float) -> float:
@@ -224,7 +224,7 @@ def test_an_unknown_condition_is_named_before_anything_loads() -> None:
 
 
 def test_stage_times_skip_a_turn_answered_by_a_prompt() -> None:
-    from bot.bench_calls import stage_times
+    from bot.tools.bench_calls import stage_times
 
     answered = {"event": "turn", "marks_ms": {"speech_end": 0.0, "endpoint": 640.0}}
     asked_again = {"event": "turn", "transcript": "and also the unsung game.", "misheard": -1.2}

@@ -26,8 +26,8 @@ import pytest
 from bot.audio import float_to_pcm, leading_silence, trailing_silence
 from bot.calllog import list_calls, read_call
 from bot.engines.stt import WhisperStt
-from bot.scenarios import Voices
-from bot.subserver import server_process
+from bot.tools.scenarios import Voices
+from bot.tools.subserver import server_process
 
 from .pbx import SECRETS, ULAW_TRAP, Pbx, Ports, asterisk_prefix
 from .sip_phone import Line, RtpPhone, answering, finished, free_port, sipp

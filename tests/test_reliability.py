@@ -15,7 +15,7 @@ import pytest
 from bot.app import Bot
 from bot.calllog import list_calls, read_call
 from bot.config import ConfigError, load
-from bot.simulator import CallerSimulator
+from bot.tools.simulator import CallerSimulator
 
 from .conftest import ROOT, make_settings, wait_until
 
@@ -54,7 +54,7 @@ def test_the_call_over_the_limit_hears_busy_and_is_hung_up_while_others_go_on(
 
 
 def serve(calls_dir: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
-    from bot.subserver import free_port
+    from bot.tools.subserver import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -152,7 +152,7 @@ def test_a_bad_setting_stops_start_up_with_one_line_and_exit_2(tmp_path: Path) -
 
 
 def test_a_soak_of_overlapping_calls_leaves_the_server_where_it_started() -> None:
-    from bot import bench_soak
+    from bot.tools import bench_soak
 
     result = bench_soak.run(24, 4, progress=False)
     assert result["growth_after_warm_up"]["fds"] <= 0

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bot import audiosocket as p
+from bot.asterisk import audiosocket as p
+from bot.asterisk.server import Session, SessionEnded, Timeouts
 from bot.audio import pcm_to_ulaw, rms_dbfs, silence
 from bot.call import Call, CallEnded, echo
 from bot.calllog import list_calls, read_call
-from bot.server import Session, SessionEnded, Timeouts
-from bot.simulator import CallerSimulator
+from bot.tools.simulator import CallerSimulator
 
 from .conftest import fixture_stream, make_settings, running_server, tone, wait_until
 

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot import audiosocket as p
+from bot.asterisk import audiosocket as p
+from bot.asterisk.server import Session
 from bot.audio import frame_bytes, is_silent, silence, write_wav
 from bot.call import Call
 from bot.calllog import list_calls, read_call
-from bot.server import Session
-from bot.simulator import CallerSimulator, DtmfAt, interval_stats, max_in_window
+from bot.tools.simulator import CallerSimulator, DtmfAt, interval_stats, max_in_window
 
 from .conftest import ROOT, chirps, make_settings, running_server, tone
 

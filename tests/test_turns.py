@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bot.turns import (
+from bot.conversation.turns import (
     HEARING_S,
     BargeIn,
     Discarded,
@@ -198,8 +198,8 @@ def test_events_are_plain_data() -> None:
 @pytest.mark.parametrize("rate", [8000, 16000])
 def test_silero_vad_on_real_speech_silence_and_noise(rate: int) -> None:
     from bot.audio import float_to_pcm, resample
+    from bot.conversation.turns import SileroVad
     from bot.engines.tts import PiperTts
-    from bot.turns import SileroVad
 
     piper = PiperTts(progress=False)
     voice = np.concatenate(list(piper.synthesize("Hello, I would like to book a table.")))

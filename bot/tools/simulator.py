@@ -29,8 +29,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from . import audiosocket as proto
-from .audio import FRAME_SECONDS, frame_bytes, is_silent, silence
+from ..asterisk import audiosocket as proto
+from ..audio import FRAME_SECONDS, frame_bytes, is_silent, silence
 
 READ_SIZE: Final = 65536
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .audio import float_to_pcm, pcm_to_float, read_wav, resample
+from ..audio import float_to_pcm, pcm_to_float, read_wav, resample
 
 QUESTIONS: Final = (
     "What time do you open tomorrow?",
@@ -116,7 +116,7 @@ class Voices:
         return self._espeak(text, name or voice, slower)
 
     def _engine(self, engine: str, slower: bool) -> Any:
-        from .engines.tts import KokoroOnnx, PiperTts, TtsOptions
+        from ..engines.tts import KokoroOnnx, PiperTts, TtsOptions
 
         key = (engine, slower)
         if key not in self._engines:

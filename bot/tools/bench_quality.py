@@ -31,14 +31,14 @@ from typing import Any, Final
 
 import numpy as np
 
+from ..audio import float_to_pcm, frame_bytes, pcm_to_ulaw, ulaw_to_pcm
+from ..calllog import list_calls, read_call
+from ..wording import word_errors, words
 from . import noise
-from .audio import float_to_pcm, frame_bytes, pcm_to_ulaw, ulaw_to_pcm
 from .bench_calls import summary
-from .calllog import list_calls, read_call
 from .scenarios import Voices
 from .simulator import CallerSimulator, CallReport, TurnResult
 from .subserver import serving
-from .wording import word_errors, words
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +214,9 @@ def run(
     env: dict[str, str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from .config import load
-    from .engines.stack import options
-    from .engines.stt import WhisperStt
+    from ..config import load
+    from ..engines.stack import options
+    from ..engines.stt import WhisperStt
 
     def say(message: str) -> None:
         if progress:

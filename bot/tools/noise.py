@@ -10,7 +10,7 @@ from typing import Final
 
 import numpy as np
 
-from .audio import FRAME_SECONDS
+from ..audio import FRAME_SECONDS
 
 RATE: Final = 8000
 KINDS: Final = ("pink", "babble", "tv")

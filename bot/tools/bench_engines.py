@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Final
 
-from .config import ModelSettings
+from ..config import ModelSettings
 
 TTS_TEXTS: Final = (
     "Sure, I can help with that.",
@@ -34,7 +34,7 @@ def _peak_rss_mb() -> float:
 
 
 def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
-    from .engines.stack import options
+    from ..engines.stack import options
 
     stt_o, llm_o, tts_o = options(settings)
     out: dict[str, Any] = {"case": case}
@@ -42,7 +42,7 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
     if case.startswith("tts"):
         from dataclasses import replace
 
-        from .engines.tts import create
+        from ..engines.tts import create
 
         if case == "tts-piper":
             tts_o = replace(tts_o, engine="piper", model="piper-joe-medium")
@@ -68,9 +68,9 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         out["first_audio_s"] = firsts
         out["real_time_factor"] = statistics.median(rtfs)
     elif case == "stt":
-        from .audio import float_to_pcm, resample
-        from .engines.stt import WhisperStt
-        from .engines.tts import PiperTts, TtsOptions
+        from ..audio import float_to_pcm, resample
+        from ..engines.stt import WhisperStt
+        from ..engines.tts import PiperTts, TtsOptions
 
         whisper = WhisperStt(stt_o, progress=False)
         out["model"] = stt_o.model
@@ -94,7 +94,7 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         out["transcribe_s"] = seconds
         out["real_time_factor"] = statistics.median(rtfs)
     elif case == "llm":
-        from .engines.llm import Dialogue, LlamaLlm, Usage
+        from ..engines.llm import Dialogue, LlamaLlm, Usage
 
         llm = LlamaLlm(llm_o, progress=False)
         out["model"] = llm_o.model
@@ -127,7 +127,7 @@ def run_all(
         if progress:
             print(f"bench engines: {case} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "bot.bench_engines", case, json.dumps(_as_dict(settings))],
+            [sys.executable, "-m", "bot.tools.bench_engines", case, json.dumps(_as_dict(settings))],
             capture_output=True,
             text=True,
         )

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from .config import AriSettings
+from ..config import AriSettings
 from .directory import Directory, Route, TransferFailed
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ from typing import Any, Final
 
 import numpy as np
 
-from .audio import float_to_pcm, resample
-from .config import Settings
-from .engines import EngineError, ModelUnavailable, models
-from .engines.llm import Usage
-from .engines.stack import Engines, options
-from .wording import word_errors
+from ..audio import float_to_pcm, resample
+from ..config import Settings
+from ..engines import EngineError, ModelUnavailable, models
+from ..engines.llm import Usage
+from ..engines.stack import Engines, options
+from ..wording import word_errors
 
 DOCTOR_SENTENCE: Final = "The quick brown fox jumps over the lazy dog."
 DOCTOR_QUESTION: Final = "What is the capital of France? Answer in one short sentence."

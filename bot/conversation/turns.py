@@ -46,7 +46,7 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from .audio import FRAME_MS, rms_dbfs
+from ..audio import FRAME_MS, rms_dbfs
 
 __all__ = [
     "BargeIn",
@@ -93,7 +93,7 @@ class SileroVad:
         import onnxruntime as ort
 
         if model_path is None:
-            from .engines.models import resolve
+            from ..engines.models import resolve
 
             model_path = str(resolve("silero-vad", "vad", progress=False).path)
         so = ort.SessionOptions()

@@ -38,15 +38,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from .audio import leading_silence, resample_pcm, trailing_silence
-from .call import Call
-from .config import AssistantProfile, Settings
-from .directory import TransferFailed
-from .engines import EngineError
-from .engines.llm import Dialogue, Usage
-from .engines.stack import Engines
-from .engines.stt import Transcript
-from .engines.tts import speak
+from ..asterisk.directory import TransferFailed
+from ..audio import leading_silence, resample_pcm, trailing_silence
+from ..call import Call
+from ..config import AssistantProfile, Settings
+from ..engines import EngineError
+from ..engines.llm import Dialogue, Usage
+from ..engines.stack import Engines
+from ..engines.stt import Transcript
+from ..engines.tts import speak
+from ..wording import join_digits, spoken_codes
 from .turns import (
     BargeIn,
     Discarded,
@@ -61,7 +62,6 @@ from .turns import (
     WebRtcVad,
     looks_complete,
 )
-from .wording import join_digits, spoken_codes
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,8 @@ class Assets:
             )
 
     def _load_llm(self, name: str, model: str) -> Any:
-        from .engines.llm import LlamaLlm
-        from .engines.stack import options
+        from ..engines.llm import LlamaLlm
+        from ..engines.stack import options
 
         llm_options = dataclasses.replace(options(self.settings.models)[1], model=model)
         try:

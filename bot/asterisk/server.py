@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ..audio import ulaw_to_pcm
+from ..calllog import CallLogger
 from . import audiosocket as proto
-from .audio import ulaw_to_pcm
-from .calllog import CallLogger
 
 log = logging.getLogger(__name__)
 

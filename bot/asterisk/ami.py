@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from panoramisk import Manager
 
-from .config import AmiSettings
+from ..config import AmiSettings
 from .directory import Directory, Route, TransferFailed
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class AmiLink:
             secret=settings.secret,
             ping_delay=10,
             reconnect_timeout=2,
-            log=logging.getLogger("bot.ami.panoramisk"),
+            log=logging.getLogger("bot.asterisk.ami.panoramisk"),
         )
         self.manager.register_event("VarSet", self._on_varset)
         self.manager.register_event("Hangup", self._on_hangup)

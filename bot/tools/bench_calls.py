@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .calllog import list_calls, read_call
-from .conversation import MARKS
+from ..calllog import list_calls, read_call
+from ..conversation.assistant import MARKS
 from .scenarios import Scenario, generate
 from .simulator import CallerSimulator
 from .subserver import serving

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from .calllog import list_calls, read_call
+from ..calllog import list_calls, read_call
 from .scenarios import generate
 from .simulator import CallerSimulator, DtmfAt
 from .subserver import server_process
