@@ -15,12 +15,15 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .asterisk.directory import Directory
 from .asterisk.server import AudioSocketServer, Session, Timeouts
-from .call import Call, echo
+from .call import Call, CallState, echo
 from .config import AssistantProfile, Settings
+
+if TYPE_CHECKING:
+    from .conversation.assets import Assets
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,11 @@ def needs_engines(settings: Settings) -> bool:
     return any(isinstance(p, AssistantProfile) for p in settings.profiles.values())
 
 
-async def load_assets(settings: Settings, say: Callable[[str], None]) -> object | None:
+async def load_assets(settings: Settings, say: Callable[[str], None]) -> Assets | None:
     """Loads, warms and prepares the engines (in a worker thread), if any profile needs them."""
     if not needs_engines(settings):
         return None
-    from .conversation.assistant import Assets
+    from .conversation.assets import Assets
     from .engines.stack import Engines
 
     def load() -> Assets:
@@ -49,7 +52,7 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> object 
         executor = ThreadPoolExecutor(
             max_workers=3 * settings.limits.max_calls + 2, thread_name_prefix="engine"
         )
-        assets = Assets(settings, engines, executor)
+        assets = Assets(settings, engines, executor, load_llm=engines.load_llm)
         say("loading per-profile voices and models, synthesizing prompts ...")
         assets.prepare()
         return assets
@@ -60,22 +63,24 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> object 
 BUSY: Final = "all lines busy"
 
 
-async def busy(call: Call) -> None:
-    """The call over the limit: a short prompt (synthesized at start-up), then hang up."""
-    call.state = "busy"
-    prompts: dict[tuple[str, int], bytes] = getattr(call.assets, "prompts", {})
-    call.calllog.event("busy", max_calls=call.settings.limits.max_calls)
-    prompt = prompts.get(("busy", call.rate))
-    if prompt:
-        await call.play(prompt)
-        await call.playout.drain()
-    call.hangup(BUSY)
+def _busy(assets: Assets | None) -> Callable[[Call], Awaitable[None]]:
+    async def busy(call: Call) -> None:
+        """The call over the limit: a short prompt (synthesized at start-up), then hang up."""
+        call.state = CallState.BUSY
+        call.calllog.event("busy", max_calls=call.settings.limits.max_calls)
+        prompt = assets.prompt("busy", call.rate) if assets is not None else b""
+        if prompt:
+            await call.play(prompt)
+            await call.drain()
+        call.hangup(BUSY)
+
+    return busy
 
 
-def _assistant(name: str, assets: object | None) -> Callable[[Call], Awaitable[None]]:
-    from .conversation.assistant import Assets, Assistant
+def _assistant(name: str, assets: Assets | None) -> Callable[[Call], Awaitable[None]]:
+    from .conversation.assistant import Assistant
 
-    if not isinstance(assets, Assets):
+    if assets is None:
         raise RuntimeError(f"profile {name} needs the engines, which were not loaded")
 
     async def behaviour(call: Call) -> None:
@@ -86,7 +91,7 @@ def _assistant(name: str, assets: object | None) -> Callable[[Call], Awaitable[N
 
 def handler(
     settings: Settings,
-    assets: object | None = None,
+    assets: Assets | None = None,
     *,
     profile: str | None = None,
     directory: Directory | None = None,
@@ -115,7 +120,7 @@ def handler(
         chosen = settings.profile(name)
         if len(active) >= settings.limits.max_calls:
             session.log.warning("all %d lines busy: refusing the call", settings.limits.max_calls)
-            await Call(session, name, chosen, settings, behaviour=busy, assets=assets).run()
+            await Call(session, name, chosen, settings, behaviour=_busy(assets)).run()
             return
         active.add(session)
         try:
@@ -126,7 +131,6 @@ def handler(
                 chosen,
                 settings,
                 behaviour=behaviour,
-                assets=assets,
                 directory=directory,
             )
             await call.run()
@@ -141,7 +145,7 @@ def handler(
 class Bot:
     """The server process: listeners, engines, Asterisk links."""
 
-    def __init__(self, settings: Settings, assets: object | None = None) -> None:
+    def __init__(self, settings: Settings, assets: Assets | None = None) -> None:
         self.settings = settings
         self.assets = assets
         self.directory = Directory()
@@ -227,6 +231,5 @@ class Bot:
         for link in self.links:
             if hasattr(link, "close"):
                 link.close()
-        executor = getattr(self.assets, "executor", None)
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if self.assets is not None:
+            self.assets.executor.shutdown(wait=False, cancel_futures=True)

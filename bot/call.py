@@ -18,6 +18,8 @@ import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +42,45 @@ ASTERISK_LAST_WORD: Final = 0.5
 # turn-taking still hears the caller stop (Asterisk's frames arrive every 20 ms, < 1 ms jitter).
 QUIET_FILL: Final = 0.1
 INBOUND_FRAMES: Final = 250  # 5 s of caller audio may wait for the profile; older frames drop first
+# Events a behaviour has not taken yet (see Call.events); the oldest drop first: a behaviour
+# that takes none (echo) keeps only the newest.
+EVENTS_KEPT: Final = 64
+# Seconds after the bot's last voiced frame during which the half-duplex gate stays shut: the
+# line's echo of our own voice is not the caller.
+ECHO_TAIL: Final = 0.25
+
+
+class CallState(StrEnum):
+    """What a call is doing, kept by its behaviour; ``call_end`` records where it ended."""
+
+    CONNECTED = "connected"
+    GREETING = "greeting"
+    LISTENING = "listening"
+    TRANSCRIBING = "transcribing"
+    THINKING = "thinking"
+    SYNTHESIZING = "synthesizing"
+    SPEAKING = "speaking"
+    APOLOGIZING = "apologizing"
+    TRANSFERRING = "transferring"
+    ECHOING = "echoing"
+    BUSY = "busy"
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf:
+    """The caller pressed a key."""
+
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class BotVoiceStarted:
+    """The bot's voice began on the line (the first voiced frame after silence), at ``t``."""
+
+    t: float
+
+
+CallEvent = Dtmf | BotVoiceStarted
 
 
 class CallEnded(Exception):
@@ -63,14 +104,12 @@ class Call:
         settings: Settings,
         *,
         behaviour: Behaviour,
-        assets: object | None = None,
         directory: Directory | None = None,
     ) -> None:
         self.session = session
         self.directory = directory
-        self.assets = assets  # engines and prompts shared by all calls (None: echo only)
-        self.route: Route | None = None  # what ARI/AMI know about the call (bot/asterisk/directory.py)
-        self.on_dtmf: Callable[[str], None] | None = None  # the behaviour's DTMF hook
+        # What ARI/AMI know about the call (bot/asterisk/directory.py).
+        self.route: Route | None = None
         self.profile_name = profile_name
         self.profile = profile
         self.settings = settings
@@ -83,6 +122,8 @@ class Call:
             lead_frames=settings.playout.lead_frames,
             rate_source=lambda: session.rate,
         )
+        self.playout.on_voice_start = lambda t: self._events.append(BotVoiceStarted(t))
+        self._events: collections.deque[CallEvent] = collections.deque(maxlen=EVENTS_KEPT)
         self._behaviour = behaviour
         # Overflow policy: the oldest caller audio is dropped (and counted) so the newest,
         # which decides what the caller meant, is never lost behind a stalled consumer.
@@ -101,9 +142,7 @@ class Call:
         self._asterisk_hangup = False
         self._asterisk_dtmf = 0
         self._asterisk_news = asyncio.Event()
-        # What the call was doing, kept by its behaviour (listening, transcribing, thinking,
-        # synthesizing, speaking, ...): call_end records where a call ended.
-        self.state = "connected"
+        self.state = CallState.CONNECTED
 
     # --- what a behaviour uses ------------------------------------------------------------------
 
@@ -148,6 +187,27 @@ class Call:
         """Queue audio at the call's rate; waits while the playout buffer is full."""
         await self.buffer.write(pcm)
 
+    async def drain(self) -> None:
+        """Waits until everything queued has been played."""
+        await self.playout.drain()
+
+    def interrupt(self) -> float:
+        """Drops the audio queued and not yet played; returns how many seconds of it."""
+        return self.buffer.clear() / 2 / self.rate
+
+    def gated(self, now: float) -> bool:
+        """The half-duplex gate: the bot's voice is on the line, or was less than
+        ``ECHO_TAIL`` before ``now``: what the caller's side sends now is mostly its echo."""
+        last = self.playout.stats.last_voiced_at
+        return self.playout.speaking or (last is not None and now - last < ECHO_TAIL)
+
+    def events(self) -> list[CallEvent]:
+        """What happened on the call since the last look (DTMF, the bot's voice starting), in
+        order."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
     def hangup(self, reason: str) -> None:
         """End the call from the bot's side (raises; call it from a behaviour)."""
         raise CallEnded(reason, by_bot=True)
@@ -159,7 +219,7 @@ class Call:
         raise CallEnded(reason, by_bot=False)
 
     def asterisk_event(self, name: str, fields: dict[str, Any]) -> None:
-        """An event about this call from ARI or AMI (see bot/asterisk/directory.py): into the log."""
+        """An event about this call from ARI or AMI (bot/asterisk/directory.py): into the log."""
         self.calllog.event(name, **fields)
         if name == "asterisk_hangup":
             self._asterisk_hangup = True
@@ -266,8 +326,7 @@ class Call:
                 self.dtmf.append(event.digit)
                 self.calllog.event("dtmf", digit=event.digit)
                 self.log.info("DTMF %s", event.digit)
-                if self.on_dtmf is not None:
-                    self.on_dtmf(event.digit)
+                self._events.append(Dtmf(event.digit))
         if s.error:
             self.calllog.event("error", kind="protocol", message=s.error)
         raise CallEnded(s.end_reason or CALLER_HUNG_UP)
@@ -306,7 +365,7 @@ async def echo(call: Call) -> None:
     """Asterisk's Echo(), delayed: the caller hears themselves ``delay_ms`` later."""
     profile = call.profile
     assert isinstance(profile, EchoProfile)
-    call.state = "echoing"
+    call.state = CallState.ECHOING
     first = await call.next_audio()
     # The delay line starts with the first caller frame; the playout clock then drains it at the
     # same 20 ms rate that caller frames arrive, so the delay holds for the whole call.

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from .engines.llm import DEFAULT_SYSTEM_PROMPT
-
 ENV_PREFIX: Final = "VOICEBOT_"
 # VOICEBOT_* variables that are not settings: the config file itself, and set-up/test paths.
 NOT_SETTINGS: Final = frozenset(
     {"VOICEBOT_CONFIG", "VOICEBOT_VENV", "VOICEBOT_MODELS_DIR", "VOICEBOT_ASTERISK_SRC"}
 )
 DEFAULT_PORT: Final = 9092
+# Who the bot is, unless a profile's system_prompt says otherwise.
+DEFAULT_SYSTEM_PROMPT: Final = (
+    "You are a warm, kind and empathetic voice assistant on a phone call. Answer in one or two "
+    "short, natural sentences, as people speak. Never use lists, markdown or emojis."
+)
 
 
 class ConfigError(ValueError):
@@ -219,7 +222,7 @@ Profile = EchoProfile | AssistantProfile
 
 
 @dataclass(frozen=True, slots=True)
-class TurnSettingsConfig:
+class TurnSettings:
     """Turn detection (see bot/conversation/turns.py)."""
 
     vad: str = _setting("webrtc", _one_of("webrtc", "silero"), "voice activity detector")
@@ -264,7 +267,7 @@ class AriSettings:
 
 @dataclass(frozen=True, slots=True)
 class AmiSettings:
-    """AMI: hang-up and DTMF events into the call logs, transfers, originate (bot/asterisk/ami.py)."""
+    """AMI: hang-up and DTMF events into call logs, transfers, originate (bot/asterisk/ami.py)."""
 
     enabled: bool = _setting(False, None, "connect to Asterisk's manager interface at start-up")
     host: str = _setting("127.0.0.1", _nonempty, "manager.conf bindaddr")
@@ -301,7 +304,7 @@ class Settings:
     playout: PlayoutSettings = field(default_factory=PlayoutSettings)
     calls: CallLogSettings = field(default_factory=CallLogSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
-    turns: TurnSettingsConfig = field(default_factory=TurnSettingsConfig)
+    turns: TurnSettings = field(default_factory=TurnSettings)
     ari: AriSettings = field(default_factory=AriSettings)
     ami: AmiSettings = field(default_factory=AmiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -321,7 +324,7 @@ SECTIONS: Final = {
     "playout": PlayoutSettings,
     "calls": CallLogSettings,
     "models": ModelSettings,
-    "turns": TurnSettingsConfig,
+    "turns": TurnSettings,
     "ari": AriSettings,
     "ami": AmiSettings,
     "limits": LimitSettings,
@@ -454,7 +457,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         playout=_build(PlayoutSettings, "playout", _table(data, "playout")),
         calls=_build(CallLogSettings, "calls", _table(data, "calls")),
         models=_build(ModelSettings, "models", _table(data, "models")),
-        turns=_build(TurnSettingsConfig, "turns", _table(data, "turns")),
+        turns=_build(TurnSettings, "turns", _table(data, "turns")),
         ari=_build(AriSettings, "ari", _table(data, "ari")),
         ami=_build(AmiSettings, "ami", _table(data, "ami")),
         limits=_build(LimitSettings, "limits", _table(data, "limits")),

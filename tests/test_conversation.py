@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import threading
 import time
@@ -24,21 +25,15 @@ from bot.asterisk.directory import Directory, TransferFailed
 from bot.audio import is_silent
 from bot.calllog import list_calls, read_call
 from bot.config import AssistantProfile, Settings
-from bot.conversation.assistant import (
-    FIRST_AUDIO_DUE_S,
-    FLOOR_HOLD_S,
-    KEEP_BEFORE_FIRST_MS,
-    LATER_AUDIO_LEAD_S,
-    MARKS,
-    Assets,
-    Assistant,
-    ClauseSplitter,
-    ClauseTrimmer,
-    iterate_in_thread,
-)
+from bot.conversation.assets import Assets
+from bot.conversation.assistant import Assistant
+from bot.conversation.clauses import KEEP_BEFORE_FIRST_MS, ClauseSplitter, ClauseTrimmer
+from bot.conversation.records import MARKS
+from bot.conversation.reply import FIRST_AUDIO_DUE_S, FLOOR_HOLD_S, LATER_AUDIO_LEAD_S
+from bot.conversation.threads import iterate_in_thread
 from bot.engines import EngineError, ModelUnavailable
-from bot.engines.llm import LlmOptions, Usage
-from bot.engines.stt import Transcript
+from bot.engines.base import Transcript, Usage
+from bot.engines.stack import load_llm
 from bot.tools.simulator import CallerSimulator, DtmfAt
 
 from .conftest import make_settings, running_server, wait_until
@@ -81,7 +76,7 @@ class FakeStt:
 
 class FakeLlm:
     def __init__(self, words: str = "Sure, here is the answer you wanted.") -> None:
-        self.options = LlmOptions(max_tokens=50)
+        self.max_tokens = 50
         self.n_ctx = 2048
         self.contended = False
         self.words = words.split(" ")
@@ -176,12 +171,7 @@ class FakeEngines:
     tts: FakeTts = field(default_factory=FakeTts)
 
 
-class ScriptedAssets(Assets):
-    def vad(self) -> Any:
-        return ScriptedVad()
-
-
-def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, ScriptedAssets]:
+def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, Assets]:
     defaults = {
         "VOICEBOT_SERVER_PROFILE": "assistant",
         "VOICEBOT_PROFILES_ASSISTANT_GREETING": "",
@@ -190,7 +180,7 @@ def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, ScriptedA
     }
     settings = make_settings(calls_dir, **{**defaults, **env})
     engines = FakeEngines()
-    assets = ScriptedAssets(settings, engines, ThreadPoolExecutor(8))  # type: ignore[arg-type]
+    assets = Assets(settings, engines, ThreadPoolExecutor(8), vad=ScriptedVad)
     return settings, engines, assets
 
 
@@ -349,13 +339,13 @@ def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause
 ) -> None:
     settings, engines, assets = setup(calls_dir)
     heard = engines.tts.streaming = threading.Event()
-    first_heard = Assistant._on_voice_start
+    first_heard = Assistant._bot_heard
 
     def on_voice_start(self: Assistant, t: float) -> None:
         first_heard(self, t)
         heard.set()
 
-    monkeypatch.setattr(Assistant, "_on_voice_start", on_voice_start)
+    monkeypatch.setattr(Assistant, "_bot_heard", on_voice_start)
     sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
     [result] = sim.report.turns
     # The TTS held the rest of the first clause until its first half was on the wire.
@@ -417,12 +407,12 @@ def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Pat
 
 def test_no_reply_ahead_while_another_calls_reply_is_being_worked_on(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
-    assets.replies_working = 1  # another call's answer holds the engines
+    assets.replies.working_now = 1  # another call's answer holds the engines
     run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
     [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
     marks = turn["marks_ms"]
     assert marks["endpoint"] <= marks["llm_first_token"]  # the reply waited for the endpoint
-    assert assets.replies_working == 1  # this call's own reply counted itself in and out
+    assert assets.replies.working_now == 1  # this call's own reply counted itself in and out
 
 
 def test_a_reply_started_at_a_pause_is_dropped_when_the_caller_goes_on(calls_dir: Path) -> None:
@@ -543,7 +533,7 @@ def test_a_clause_ready_as_the_caller_starts_talking_in_a_pause_waits_and_is_dro
                 heard.set()
             return super().is_speech(pcm, rate)
 
-    assets.vad = MarkingVad  # type: ignore[method-assign]
+    assets.vad = MarkingVad
     engines.tts.seconds["Sure,"] = 0.4
     engines.tts.holds["here is the answer you wanted."] = heard
     second = marked * round(0.8 / 0.02)
@@ -570,7 +560,7 @@ def test_a_flickering_noise_holds_the_next_clause_only_briefly(calls_dir: Path) 
                 noisy.set()
             return voiced
 
-    assets.vad = NoticingVad  # type: ignore[method-assign]
+    assets.vad = NoticingVad
     engines.tts.seconds["Sure,"] = 0.4
     engines.tts.holds["here is the answer you wanted."] = noisy
     flicker = (VOICED + QUIET) * 100  # 4 s of noise, no two voiced frames in a row
@@ -959,7 +949,8 @@ def test_a_profile_speaks_with_its_own_voice_and_a_wrong_one_stops_start_up(
 def test_a_profile_llm_that_cannot_load_names_the_profile(calls_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + bytes(64))
-    _settings, _engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_LLM=str(broken))
+    settings, _engines, assets = setup(calls_dir, VOICEBOT_PROFILES_ASSISTANT_LLM=str(broken))
+    assets.load_llm = functools.partial(load_llm, settings.models)
     with pytest.raises(EngineError, match=r"^profiles.assistant.llm: .*broken.gguf"):
         assets.prepare()
     assert assets.llm_for("assistant") is assets.engines.llm  # nothing half-loaded is used

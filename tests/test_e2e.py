@@ -9,7 +9,7 @@ import numpy as np
 
 from bot.audio import float_to_pcm
 from bot.calllog import list_calls, read_call
-from bot.conversation.assistant import MARKS
+from bot.conversation.records import MARKS
 from bot.engines.stt import WhisperStt
 from bot.engines.tts import PiperTts
 from bot.tools.scenarios import phone_band

@@ -19,9 +19,9 @@ import pytest
 from bot.asterisk import audiosocket as p
 from bot.audio import float_to_pcm, pcm_to_float
 from bot.config import AssistantProfile
+from bot.conversation.dialogue import Dialogue
 from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
 from bot.engines.llm import (
-    Dialogue,
     LlamaLlm,
     LlmOptions,
     Usage,

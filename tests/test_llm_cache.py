@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bot.engines.llm import Dialogue, EchoGuard, LlamaLlm, LlmOptions
+from bot.conversation.dialogue import Dialogue, EchoGuard
+from bot.engines.llm import LlamaLlm, LlmOptions
 from bot.wording import words
 
 SYSTEM = "You are the phone assistant of a bike shop. Answer in one short sentence."
@@ -167,7 +168,7 @@ class Scripted:
     def __init__(self, *replies: list[str]) -> None:
         self.replies = list(replies)
         self.prompts: list[list[dict[str, str]]] = []
-        self.options = LlmOptions()
+        self.max_tokens = 50
         self.n_ctx = 2048
 
     def count_tokens(self, text: str) -> int:

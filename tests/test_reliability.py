@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bot.app import Bot
 from bot.calllog import list_calls, read_call
 from bot.config import ConfigError, load
+from bot.conversation.assets import Assets
 from bot.tools.simulator import CallerSimulator
 
 from .conftest import ROOT, make_settings, wait_until
@@ -26,7 +29,9 @@ def test_the_call_over_the_limit_hears_busy_and_is_hung_up_while_others_go_on(
     calls_dir: Path,
 ) -> None:
     settings = make_settings(calls_dir, VOICEBOT_SERVER_PORT="0", VOICEBOT_LIMITS_MAX_CALLS="1")
-    assets = types.SimpleNamespace(prompts={("busy", 8000): BUSY})
+    # An echo profile needs no engines: only the busy prompt.
+    no_engines: Any = types.SimpleNamespace()
+    assets = Assets(settings, no_engines, ThreadPoolExecutor(1), prompts={("busy", 8000): BUSY})
 
     async def main() -> tuple[CallerSimulator, CallerSimulator]:
         bot = Bot(settings, assets)

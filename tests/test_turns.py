@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bot.config import TurnSettings
 from bot.conversation.turns import (
     HEARING_S,
     BargeIn,
@@ -15,7 +16,6 @@ from bot.conversation.turns import (
     Resumed,
     SpeechStarted,
     TurnDetector,
-    TurnSettings,
     WebRtcVad,
     level_dbfs,
     looks_complete,
@@ -40,8 +40,10 @@ def run(
     settings: TurnSettings | None = None,
     gated: set[int] | None = None,
     hints: dict[int, bool | None] | None = None,
+    *,
+    barge_in: bool = False,
 ) -> list[tuple[int, object]]:
-    det = TurnDetector(ScriptedVad(), 8000, settings or TurnSettings(**BASE))
+    det = TurnDetector(ScriptedVad(), 8000, settings or TurnSettings(**BASE), barge_in=barge_in)
     out = []
     for i, f in enumerate(frames):
         if hints and i in hints:
@@ -148,16 +150,16 @@ def test_the_caller_is_heard_from_a_single_voiced_frame_outside_the_gate() -> No
 
 
 def test_barge_in_after_sustained_speech_through_the_gate_keeps_the_words() -> None:
-    settings = TurnSettings(**BASE, barge_in=True, barge_in_ms=200)
+    settings = TurnSettings(**BASE, barge_in_ms=200)
     gated = set(range(0, 100))
     frames = [S] * 10 + [V, V, S] * 3 + [V] * 30 + [S] * 40
-    events = run(frames, settings, gated=gated)
+    events = run(frames, settings, gated=gated, barge_in=True)
     names = kinds(events)
     assert names[:2] == [(28, "BargeIn"), (28, "SpeechStarted")]  # 10 frames = 200 ms
     end = events[-1][1]
     assert isinstance(end, EndOfTurn) and end.voiced_frames == 30
     # Short bursts through the gate (under 200 ms) do not interrupt.
-    assert run([V] * 9 + [S] * 5 + [V] * 9, settings, gated=set(range(30))) == []
+    assert run([V] * 9 + [S] * 5 + [V] * 9, settings, gated=set(range(30)), barge_in=True) == []
 
 
 def test_barge_in_is_off_by_default() -> None:

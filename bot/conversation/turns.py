@@ -25,10 +25,8 @@ arrival time; it does no I/O and knows nothing about engines, so it is tested fr
   caller is nearer the phone than the room. On a quiet line the floor is far below speech and
   changes nothing. The floor is the median level of the last 4 s heard between turns (a turn's
   own frames would raise it to the caller's voice); inside a turn the margin is
-  ``noise_hold_db`` lower, so a word's weaker end does not split the turn. On the quality
-  bench's noisy lines (pink noise, babble, a TV, at 20 and 10 dB SNR) 36 of 42 turns got
-  exactly one endpoint with Silero and the gate, 33 with webrtcvad and the gate, 13 with
-  webrtcvad alone (the rest: a turn split at a sentence's pause, or run on into the noise).
+  ``NOISE_HOLD_DB`` lower, so a word's weaker end does not split the turn (docs/performance.md
+  has what the gate does on the quality bench's noisy lines).
 - **Too short, too long.** A turn with less than ``min_speech_ms`` of voiced audio is dropped
   (coughs); one longer than ``max_utterance_s`` ends at once so a monologue still gets an answer.
 - **Gate and barge-in.** While the bot is speaking the call closes the gate: caller audio does
@@ -47,6 +45,7 @@ from typing import Final, Protocol
 import numpy as np
 
 from ..audio import FRAME_MS, rms_dbfs
+from ..config import TurnSettings
 
 __all__ = [
     "BargeIn",
@@ -58,7 +57,8 @@ __all__ = [
     "SileroVad",
     "SpeechStarted",
     "TurnDetector",
-    "TurnSettings",
+    "TurnEvent",
+    "make_vad",
     "Vad",
     "WebRtcVad",
     "looks_complete",
@@ -130,6 +130,11 @@ class SileroVad:
         return self._prob >= self.threshold
 
 
+def make_vad(settings: TurnSettings) -> Vad:
+    """A new VAD for one call, as ``[turns] vad`` says."""
+    return SileroVad() if settings.vad == "silero" else WebRtcVad(settings.vad_mode)
+
+
 class NoiseFloor:
     """The line's background level in dBFS: a percentile of the frame levels of the last
     ``window_s`` between the caller's turns (the detector feeds it no frame of a turn)."""
@@ -197,21 +202,9 @@ class BargeIn:
 TurnEvent = SpeechStarted | Paused | Resumed | EndOfTurn | Discarded | BargeIn
 
 
-@dataclass(frozen=True, slots=True)
-class TurnSettings:
-    onset_ms: int = 60
-    pre_roll_ms: int = 300
-    pause_ms: int = 80
-    hangover_ms: int = 650
-    hangover_complete_ms: int = 250
-    hangover_incomplete_ms: int = 900
-    min_speech_ms: int = 200
-    max_utterance_s: float = 15.0
-    barge_in: bool = False
-    barge_in_ms: int = 200
-    noise_margin_db: float = 8.0
-    noise_hold_db: float = 3.0  # less margin inside a turn: a word's weaker end stays in it
-    noise_percentile: float = 50.0
+# Less noise margin inside a turn: a word's weaker end stays in it.
+NOISE_HOLD_DB: Final = 3.0
+NOISE_PERCENTILE: Final = 50.0  # the background level is the median of the recent frames
 
 
 # A voiced frame outside our own speech counts as the caller being heard this long (see
@@ -283,10 +276,13 @@ class _Utterance:
 
 
 class TurnDetector:
-    def __init__(self, vad: Vad, rate: int, settings: TurnSettings | None = None) -> None:
+    def __init__(
+        self, vad: Vad, rate: int, settings: TurnSettings | None = None, *, barge_in: bool = False
+    ) -> None:
         self.vad = vad
         self.rate = rate
         self.s = settings or TurnSettings()
+        self.barge_in = barge_in
         self._pre_roll: collections.deque[bytes] = collections.deque(
             maxlen=max(1, self.s.pre_roll_ms // FRAME_MS)
         )
@@ -295,7 +291,7 @@ class TurnDetector:
         self._utt: _Utterance | None = None
         self._hint: bool | None = None
         self._voice_at: float | None = None  # the last voiced frame outside our own speech
-        self.noise = NoiseFloor(percentile=self.s.noise_percentile)
+        self.noise = NoiseFloor(percentile=NOISE_PERCENTILE)
 
     @property
     def in_speech(self) -> bool:
@@ -367,7 +363,7 @@ class TurnDetector:
         db = level_dbfs(pcm)
         margin = self.s.noise_margin_db
         if self._utt is not None:  # hysteresis: a word's weaker end stays in the turn
-            margin -= self.s.noise_hold_db
+            margin -= NOISE_HOLD_DB
         loud = self.s.noise_margin_db <= 0 or db >= self.noise.level + margin
         if self._utt is None:  # the caller's own voice is not the room's
             self.noise.update(db)
@@ -379,7 +375,7 @@ class TurnDetector:
             # What we hear while we speak is mostly our own echo: it starts no turn and is kept
             # only as the words of a caller who keeps talking over us (barge-in).
             self._onset_run = 0
-            if not voiced or not self.s.barge_in:
+            if not voiced or not self.barge_in:
                 self._gated_run = 0
                 self._pre_roll.clear()
                 return []

@@ -35,15 +35,10 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..wording import words
+from ..config import DEFAULT_SYSTEM_PROMPT
 from . import ACTIVITY, EngineFailed, ModelUnavailable
+from .base import Message, Usage
 from .models import resolve
-
-DEFAULT_SYSTEM_PROMPT: Final = (
-    "You are a warm, kind and empathetic voice assistant on a phone call. Answer in one or two "
-    "short, natural sentences, as people speak. Never use lists, markdown or emojis."
-)
-
 
 BATCH_TOKENS: Final = 512  # tokens one llama_decode takes: new prompts and one per reply
 USER_MARKER: Final = "\x1f"  # where the next user message's words start (see _up_to_next_user)
@@ -110,15 +105,6 @@ def _load_params(low_level: Any, *, extra_buffers: bool, sequences: int) -> Iter
         finally:
             low_level.llama_model_default_params = model_default
             low_level.llama_context_default_params = context_default
-
-
-@dataclass(slots=True)
-class Usage:
-    completion_tokens: int = 0
-    first_token_s: float | None = None  # after the model took it (prompt evaluation included)
-    wait_s: float = 0.0  # waiting for a free sequence (every one busy with another reply)
-    total_s: float = 0.0
-    finish_reason: str | None = None
 
 
 @dataclass(eq=False)
@@ -297,6 +283,10 @@ class LlamaLlm:
         """Tokens one reply's prompt and answer may take."""
         return self.options.n_ctx
 
+    @property
+    def max_tokens(self) -> int:
+        return self.options.max_tokens
+
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
@@ -319,7 +309,7 @@ class LlamaLlm:
 
     def stream(
         self,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         *,
         max_tokens: int | None = None,
         stop: tuple[str, ...] | None = None,
@@ -354,7 +344,7 @@ class LlamaLlm:
             usage.total_s = time.perf_counter() - start - usage.wait_s
             # g.sampler is freed with g: a step running now may still be sampling with it.
 
-    def prepare(self, messages: list[dict[str, str]]) -> None:
+    def prepare(self, messages: list[Message]) -> None:
         """Evaluates what the next turn's prompt will start with, ``messages`` and the
         template's opening of a user message, in the sequence that holds ``messages`` (a reply
         ends before the template's end-of-message marker): ~5 tokens, ~40 ms, the next turn
@@ -367,7 +357,7 @@ class LlamaLlm:
             while self._next(g) is not None:
                 pass
 
-    def forget(self, messages: list[dict[str, str]]) -> None:
+    def forget(self, messages: list[Message]) -> None:
         """The conversation ``messages`` is over (its call ended): the sequence holding it is
         the first a new reply takes. Ranked like a live one, a longer finished conversation
         was kept and a live call's, idle between two turns, was overwritten: that call's next
@@ -385,7 +375,7 @@ class LlamaLlm:
 
     # --- the batch ------------------------------------------------------------------------------
 
-    def _prompt(self, messages: list[dict[str, str]], *, until: str | None = None) -> list[int]:
+    def _prompt(self, messages: list[Message], *, until: str | None = None) -> list[int]:
         """The tokens of ``messages`` in the chat template (those before ``until`` only)."""
         try:
             formatted = self._format(messages=messages)
@@ -400,7 +390,7 @@ class LlamaLlm:
         except Exception as exc:
             raise EngineFailed(f"LLM failed: cannot format the prompt ({exc})") from exc
 
-    def _up_to_next_user(self, messages: list[dict[str, str]]) -> list[int]:
+    def _up_to_next_user(self, messages: list[Message]) -> list[int]:
         """The tokens of ``messages`` and of the template's opening of the next user message,
         up to where its words will start."""
         opening = {"role": "user", "content": USER_MARKER}
@@ -601,120 +591,4 @@ class LlamaLlm:
         g.finish = g.finish or "stop"
 
 
-ECHO_MIN_WORDS: Final = 3  # a caller's shorter turn ("Thanks, bye.") may well be said back
-ECHO_WORDS: Final = 4  # a reply whose first words are the caller's first this many is an echo
-ANSWER_REMINDER: Final = "(Answer the caller in your own words; do not repeat what they said.)"
-
-
-class EchoGuard:
-    """Holds a reply's first pieces while they repeat the caller's first words: released as
-    soon as the reply says something else, dropped (``echo``) once it has repeated
-    ``ECHO_WORDS`` of them."""
-
-    def __init__(self, user_text: str) -> None:
-        self._user = words(user_text)
-        self._held: list[str] = []
-        self.deciding = len(self._user) >= ECHO_MIN_WORDS
-        self.echo = False
-
-    def feed(self, piece: str) -> list[str]:
-        """The pieces to say now."""
-        if not self.deciding:
-            return [piece]
-        self._held.append(piece)
-        text = "".join(self._held)
-        said = words(text)
-        # The last word may go on ("canc" of "cancel") while the text ends inside it.
-        whole, tail = (said[:-1], said[-1]) if said and text[-1:].isalnum() else (said, "")
-        following = self._user[len(whole)] if len(whole) < len(self._user) else ""
-        if whole != self._user[: len(whole)] or not following.startswith(tail):
-            return self.flush()
-        if len(whole) >= min(ECHO_WORDS, len(self._user)):
-            self.deciding, self.echo, self._held = False, True, []
-        return []
-
-    def flush(self) -> list[str]:
-        """The held pieces: the reply said something else, or ended before it could tell."""
-        out, self._held, self.deciding = self._held, [], False
-        return out
-
-
-@dataclass
-class Dialogue:
-    """One call's dialogue: a system prompt and the turns so far, trimmed to the context."""
-
-    llm: LlamaLlm
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_tokens: int | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
-    reserve: int = 64  # tokens kept free for the chat template's own markers
-
-    def messages(self, user_text: str) -> list[dict[str, str]]:
-        msgs = [*self.history, {"role": "user", "content": user_text}]
-        budget = self.llm.n_ctx - (self.max_tokens or self.llm.options.max_tokens) - self.reserve
-        budget -= self.llm.count_tokens(self.system_prompt)
-        # Drop the oldest exchanges first; the newest user turn always stays.
-        while len(msgs) > 1 and sum(self.llm.count_tokens(m["content"]) + 8 for m in msgs) > budget:
-            msgs = msgs[2:] if len(msgs) > 2 else msgs[1:]
-        return [{"role": "system", "content": self.system_prompt}, *msgs]
-
-    def reply(
-        self,
-        user_text: str,
-        *,
-        usage: Usage | None = None,
-        keep: Callable[[], bool] | None = None,
-    ) -> Iterator[str]:
-        """Streams the reply. The turn joins the history when the stream ends, also when the
-        caller of this generator stops early (a short answer, or barge-in): then the history
-        holds what was generated. ``keep``, asked at that moment, can say the exchange never
-        happened (a reply started ahead of the caller's last word, then dropped); a reply of
-        which nothing was generated leaves no trace either.
-
-        A reply that starts by repeating the caller's words (a small model copying its input,
-        which it then keeps doing for the rest of the call once it is in the history) is
-        never spoken: its first pieces are held until they say something else, and an echo is
-        answered again, greedily, with a reminder after the caller's words."""
-        said: list[str] = []
-        try:
-            for attempt, temperature in enumerate((None, 0.0)):
-                text = user_text if attempt == 0 else f"{user_text}\n{ANSWER_REMINDER}"
-                guard = EchoGuard(user_text)
-                stream = self.llm.stream(
-                    self.messages(text),
-                    max_tokens=self.max_tokens,
-                    usage=usage,
-                    temperature=temperature,
-                )
-                with contextlib.closing(stream):  # an echo frees its sequence at once
-                    for piece in stream:
-                        for out in guard.feed(piece):
-                            said.append(out)
-                            yield out
-                        if guard.echo:
-                            break
-                if not guard.echo:
-                    for out in guard.flush():
-                        said.append(out)
-                        yield out
-                    return
-        finally:
-            reply = "".join(said).strip()
-            if reply and (keep is None or keep()):
-                self.history += [
-                    {"role": "user", "content": user_text},
-                    {"role": "assistant", "content": reply},
-                ]
-                # Keep the stored history bounded (the prompt is trimmed again at each turn).
-                if len(self.history) > 40:
-                    del self.history[:2]
-                self.llm.prepare(self.messages("")[:-1])
-
-    def close(self) -> None:
-        """The call is over: its sequence in the LLM may be taken first (see ``forget``)."""
-        if self.history:
-            with contextlib.suppress(EngineFailed):  # a hint: never what ends a call
-                self.llm.forget(self.messages("")[:-1])
-
-
-__all__ = ["Dialogue", "EchoGuard", "EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]
+__all__ = ["EngineFailed", "LlamaLlm", "LlmOptions", "Usage"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -12,9 +13,10 @@ import numpy as np
 
 from ..config import ModelSettings
 from . import ACTIVITY, EngineError
+from .base import TtsEngine
 from .llm import LlamaLlm, LlmOptions
 from .stt import SttOptions, WhisperStt
-from .tts import KokoroTorch, TtsEngine, TtsOptions, create
+from .tts import KokoroTorch, TtsOptions, create
 
 PACK_MODELS: Final[dict[str, dict[str, str]]] = {
     "default": {
@@ -130,3 +132,15 @@ class Engines:
         if not self.llm.warm_up().strip():
             raise EngineError("LLM warm-up produced no text")
         self.timing.warm_up["llm"] = time.perf_counter() - start
+
+    def load_llm(self, model: str) -> LlamaLlm:
+        """Another LLM (a profile's own), with the same settings as this one, warmed up."""
+        return load_llm(self.settings, model)
+
+
+def load_llm(settings: ModelSettings, model: str) -> LlamaLlm:
+    """LLM ``model`` with the rest of ``settings``, warmed up."""
+    _, llm_options, _ = options(settings)
+    llm = LlamaLlm(dataclasses.replace(llm_options, model=model))
+    llm.warm_up()
+    return llm

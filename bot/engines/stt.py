@@ -18,6 +18,7 @@ import numpy as np
 from ..audio import pcm_to_float, resample
 from ..wording import words
 from . import ACTIVITY, EngineFailed, ModelUnavailable
+from .base import Transcript
 from .models import Resolved, resolve
 
 WHISPER_RATE: Final = 16000
@@ -58,17 +59,6 @@ class SttOptions:
     # as fast as 3x with no more word errors; below ~7 s Whisper starts repeating itself).
     # 0 disables the short path.
     window_s: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Transcript:
-    text: str
-    audio_seconds: float
-    seconds: float  # wall time spent transcribing
-    language: str | None = None
-    # Whisper's mean log-probability of the transcript's tokens: near 0 for words it is sure
-    # of, under about -0.75 for words it most likely misheard. None when unknown.
-    confidence: float | None = None
 
 
 class WhisperStt:

@@ -41,13 +41,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import numpy as np
-import numpy.typing as npt
 
 from ..audio import Resampler, float_to_pcm
 from . import ACTIVITY, DeadlineLock, EngineFailed, ModelUnavailable
+from .base import FloatArray, TtsEngine
 from .models import CATALOG, materialize, resolve
 from .vocoder import TorchVocoder, cpu_has_bf16
 
@@ -71,8 +71,6 @@ WARM_BUCKETS: Final = 4  # 64, 128, 192 and 256 frames
 MAX_PHONEMES: Final = 510  # Kokoro's context is 512 tokens, two of them the boundary pads
 SENTENCE_SPLIT: Final = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
-FloatArray = npt.NDArray[np.float32]
-
 
 @dataclass(frozen=True, slots=True)
 class TtsOptions:
@@ -87,23 +85,6 @@ class TtsOptions:
     # Kokoro ONNX streaming: the vocoder on onnxruntime ("onnx"), or on PyTorch in bfloat16
     # ("torch", bot/engines/vocoder.py); "auto": torch where the CPU has bfloat16 units.
     vocoder: str = "auto"
-
-
-class TtsEngine(Protocol):
-    native_rate: int
-
-    def synthesize(
-        self, text: str, voice: str | None = None, *, due: float | None = None
-    ) -> Iterator[FloatArray]:
-        """Audio at ``native_rate`` in chunks (float in [-1, 1]), the first as early as it can.
-        ``voice``: another voice of the same model (None: the options' voice). ``due``: when
-        the audio is needed (``time.monotonic()``; None: now): concurrent syntheses take the
-        model run by run, earliest due first."""
-        ...
-
-    def check_voice(self, voice: str) -> None:
-        """Raises ModelUnavailable, naming the choices, if this engine cannot speak ``voice``."""
-        ...
 
 
 def sentences(text: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..calllog import list_calls, read_call
-from ..conversation.assistant import MARKS
+from ..conversation.records import MARKS
 from .scenarios import Scenario, generate
 from .simulator import CallerSimulator
 from .subserver import serving

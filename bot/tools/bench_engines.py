@@ -94,7 +94,9 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
         out["transcribe_s"] = seconds
         out["real_time_factor"] = statistics.median(rtfs)
     elif case == "llm":
-        from ..engines.llm import Dialogue, LlamaLlm, Usage
+        from ..conversation.dialogue import Dialogue
+        from ..engines.base import Usage
+        from ..engines.llm import LlamaLlm
 
         llm = LlamaLlm(llm_o, progress=False)
         out["model"] = llm_o.model

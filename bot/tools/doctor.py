@@ -11,7 +11,7 @@ import numpy as np
 from ..audio import float_to_pcm, resample
 from ..config import Settings
 from ..engines import EngineError, ModelUnavailable, models
-from ..engines.llm import Usage
+from ..engines.base import Usage
 from ..engines.stack import Engines, options
 from ..wording import word_errors
 
