@@ -41,10 +41,12 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> Assets 
     if not needs_engines(settings):
         return None
     from .conversation.assets import Assets
+    from .engines import Activity
     from .engines.stack import Engines
 
     def load() -> Assets:
-        engines = Engines(settings.models, log=say)
+        activity = Activity()  # what the engines are doing: every engine and call sees it
+        engines = Engines(settings.models, log=say, activity=activity)
         engines.warm_up()
         # Engine work of every call runs here: a call may have an STT run, a reply streaming
         # from the LLM and a clause in the TTS at once, each waiting for its engine in turn
@@ -52,7 +54,7 @@ async def load_assets(settings: Settings, say: Callable[[str], None]) -> Assets 
         executor = ThreadPoolExecutor(
             max_workers=3 * settings.limits.max_calls + 2, thread_name_prefix="engine"
         )
-        assets = Assets(settings, engines, executor, load_llm=engines.load_llm)
+        assets = Assets(settings, engines, executor, activity, load_llm=engines.load_llm)
         say("loading per-profile voices and models, synthesizing prompts ...")
         assets.prepare()
         return assets
@@ -163,9 +165,7 @@ class Bot:
 
     async def start(self) -> None:
         s = self.settings
-        timeouts = Timeouts(
-            uuid=s.server.uuid_timeout, idle=s.server.idle_timeout, write=s.server.write_timeout
-        )
+        timeouts = Timeouts.from_settings(s.server)
         for profile, port in self.listeners():
             server = AudioSocketServer(
                 handler(

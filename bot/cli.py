@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -372,29 +371,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --- bench --------------------------------------------------------------------------------------
 
 
-async def _pacing_run(port: int, calls: int, seconds: float, progress: bool) -> list[Any]:
-    sims = [
-        CallerSimulator("127.0.0.1", port, rate=8000, duration=seconds, record=False)
-        for _ in range(calls)
-    ]
-    runs = asyncio.gather(*(s.run() for s in sims))
-    if progress:
-        start = time.monotonic()
-        while not runs.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(runs), 1.0)
-            got = sum(len(s.rx_times) for s in sims)
-            print(
-                f"\r  {calls} call(s): {time.monotonic() - start:4.1f}/{seconds:g} s, "
-                f"{got} frames received",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        print(file=sys.stderr)
-    return list(await runs)
-
-
 def _bench_quality(args: argparse.Namespace) -> int:
     from .tools import bench_quality
 
@@ -409,79 +385,58 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "calls":
-        from .tools import bench_calls
+def _bench_calls(args: argparse.Namespace) -> int:
+    from .tools import bench_calls
 
-        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
-        result = bench_calls.run(
-            args.calls[0] if args.calls != [1, 20] else 8,
-            args.concurrency,
-            env=env,
-            progress=True,
-        )
-        print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
-        return 0
-    if args.what == "quality":
-        return _bench_quality(args)
-    if args.what == "soak":
-        from .tools import bench_soak
-
-        env = {"VOICEBOT_CONFIG": args.config} if args.config else None
-        result = bench_soak.run(
-            args.calls[0] if args.calls != [1, 20] else 200,
-            args.concurrency if args.concurrency != 1 else 4,
-            profile=args.profile,
-            env=env,
-            progress=True,
-        )
-        print(json.dumps(result, indent=2) if args.json else bench_soak.render(result))
-        return 0 if result["flat"] else 1
-    if args.what == "engines":
-        from .tools import bench_engines
-
-        results = bench_engines.run_all(_load_settings(args).models, progress=True)
-        print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
-        return 1 if any("error" in r for r in results) else 0
-    from .tools.subserver import serving
-
-    results = []
-    # Pacing is measured on as many calls as asked for, not on busy prompts: lift the limit.
-    env = {"VOICEBOT_CALLS_DIR": args.calls_dir, "VOICEBOT_LIMITS_MAX_CALLS": str(max(args.calls))}
-    with serving("echo", env) as port:
-        for n in args.calls:
-            print(f"pacing: {n} concurrent echo call(s) for {args.seconds:g} s", file=sys.stderr)
-            reports = asyncio.run(_pacing_run(port, n, args.seconds, not args.json))
-            gaps = [r.rx_interval_ms for r in reports]
-            results.append(
-                {
-                    "calls": n,
-                    "seconds": args.seconds,
-                    "frames_per_call": [r.frames_received for r in reports],
-                    "interval_p50_ms": max(g["p50"] for g in gaps),
-                    "interval_p99_ms": max(g["p99"] for g in gaps),
-                    "interval_max_ms": max(g["max"] for g in gaps),
-                    "interval_mean_ms": round(sum(g["mean"] for g in gaps) / len(gaps), 3),
-                    "max_frames_in_20ms": max(r.max_frames_in_20ms for r in reports),
-                    "ended_by": sorted({r.ended_by for r in reports}),
-                }
-            )
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(
-            f"{'calls':>5} {'frames/call (min-max)':>22} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'max ms':>7} {'mean ms':>8} {'burst':>5}"
-        )
-        for r in results:
-            fpc = r["frames_per_call"]
-            print(
-                f"{r['calls']:>5} {f'{min(fpc)}-{max(fpc)}':>22} {r['interval_p50_ms']:>7.2f} "
-                f"{r['interval_p99_ms']:>7.2f} {r['interval_max_ms']:>7.2f} "
-                f"{r['interval_mean_ms']:>8.3f} {r['max_frames_in_20ms']:>5}"
-            )
-        print("(worst call shown for each spacing statistic; burst = most frames in any 20 ms)")
+    env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+    calls = args.calls[0] if args.calls != [1, 20] else 8
+    result = bench_calls.run(calls, args.concurrency, env=env, progress=True)
+    print(json.dumps(result, indent=2) if args.json else bench_calls.render(result))
     return 0
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from .tools import bench_soak
+
+    env = {"VOICEBOT_CONFIG": args.config} if args.config else None
+    result = bench_soak.run(
+        args.calls[0] if args.calls != [1, 20] else 200,
+        args.concurrency if args.concurrency != 1 else 4,
+        profile=args.profile,
+        env=env,
+        progress=True,
+    )
+    print(json.dumps(result, indent=2) if args.json else bench_soak.render(result))
+    return 0 if result["flat"] else 1
+
+
+def _bench_engines(args: argparse.Namespace) -> int:
+    from .tools import bench_engines
+
+    results = bench_engines.run_all(_load_settings(args).models, progress=True)
+    print(json.dumps(results, indent=2) if args.json else bench_engines.render(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _bench_pacing(args: argparse.Namespace) -> int:
+    from .tools import bench_pacing
+
+    results = bench_pacing.run(
+        args.calls, args.seconds, calls_dir=args.calls_dir, progress=not args.json
+    )
+    print(json.dumps(results, indent=2) if args.json else bench_pacing.render(results))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    benches = {
+        "calls": _bench_calls,
+        "quality": _bench_quality,
+        "soak": _bench_soak,
+        "engines": _bench_engines,
+        "pacing": _bench_pacing,
+    }
+    return benches[args.what](args)
 
 
 # --- main ---------------------------------------------------------------------------------------

@@ -52,6 +52,13 @@ def _setting(default: Any, check: Check | None = None, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "doc": doc})
 
 
+def default(cls: type[Any], name: str) -> Any:
+    """The default of setting ``name`` of the settings class ``cls``: the one place a default
+    is written (an engine's options and the server's timeouts take theirs from here)."""
+    [found] = [f for f in dataclasses.fields(cls) if f.name == name]
+    return found.default
+
+
 def _secret(doc: str) -> Any:
     """A credential: empty unless the environment sets it, and never shown by ``repr()``."""
     return field(default="", repr=False, metadata={"check": None, "doc": doc})
@@ -85,7 +92,30 @@ class CallLogSettings:
     dir: str = _setting("calls", _nonempty, "folder for per-call logs")
 
 
-MODEL_PACKS: Final = ("default", "fast", "quality")
+# What each [models] pack loads; a key of [models] that is set overrides its pack's.
+MODEL_PACKS: Final[dict[str, dict[str, str]]] = {
+    "default": {
+        "stt": "whisper-tiny.en",
+        "llm": "qwen2.5-0.5b",
+        "tts": "kokoro-v1.0-int8",
+        "tts_engine": "kokoro",
+        "voice": "jm_kumo",
+    },
+    "fast": {
+        "stt": "whisper-tiny.en",
+        "llm": "smollm2-135m",
+        "tts": "piper-joe-medium",
+        "tts_engine": "piper",
+        "voice": "",
+    },
+    "quality": {
+        "stt": "whisper-base",
+        "llm": "qwen2.5-1.5b",
+        "tts": "kokoro-v1.0-int8",
+        "tts_engine": "kokoro",
+        "voice": "jm_kumo",
+    },
+}
 
 
 def _one_of(*choices: str) -> Check:

@@ -216,3 +216,16 @@ def test_every_setting_is_documented() -> None:
                 continue
             assert f"| `{f.name}` |" in generated, f"{section}.{f.name}"
             assert f.metadata.get("doc"), f"{section}.{f.name} has no meaning"
+
+
+def test_the_settings_classes_hold_the_only_defaults() -> None:
+    """What an engine or the server takes when built without settings is what the settings
+    give it: the defaults are written once, in bot/config.py."""
+    from bot.asterisk.server import Timeouts
+    from bot.engines.llm import LlmOptions
+    from bot.engines.stack import options
+    from bot.engines.stt import SttOptions
+    from bot.engines.tts import TtsOptions
+
+    assert options(config.ModelSettings()) == (SttOptions(), LlmOptions(), TtsOptions())
+    assert Timeouts.from_settings(config.ServerSettings()) == Timeouts()

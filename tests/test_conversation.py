@@ -407,12 +407,12 @@ def test_speech_after_a_pause_discards_the_speculative_transcript(calls_dir: Pat
 
 def test_no_reply_ahead_while_another_calls_reply_is_being_worked_on(calls_dir: Path) -> None:
     settings, engines, assets = setup(calls_dir)
-    assets.replies.working_now = 1  # another call's answer holds the engines
-    run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+    with assets.activity.replying():  # another call's answer holds the engines
+        run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
+        assert assets.activity.replies == 1  # this call's own reply counted itself in and out
     [turn] = [e for e in call_events(calls_dir) if e["event"] == "turn"]
     marks = turn["marks_ms"]
     assert marks["endpoint"] <= marks["llm_first_token"]  # the reply waited for the endpoint
-    assert assets.replies.working_now == 1  # this call's own reply counted itself in and out
 
 
 def test_a_reply_started_at_a_pause_is_dropped_when_the_caller_goes_on(calls_dir: Path) -> None:

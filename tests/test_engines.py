@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,16 +21,14 @@ from bot.asterisk import audiosocket as p
 from bot.audio import float_to_pcm, pcm_to_float
 from bot.config import AssistantProfile
 from bot.conversation.dialogue import Dialogue
-from bot.engines import ACTIVITY, DeadlineLock, ModelUnavailable
+from bot.engines import Activity, DeadlineLock, ModelUnavailable
+from bot.engines.llama_api import built_with, built_with_amx, load_params
 from bot.engines.llm import (
     LlamaLlm,
     LlmOptions,
     Usage,
     _common_prefix,
     _held_back,
-    _load_params,
-    built_with,
-    built_with_amx,
 )
 from bot.engines.models import CATALOG, materialize
 from bot.engines.stack import openmp_beside_pytorch
@@ -63,8 +62,14 @@ SENTENCE = "Thank you for calling. How can I help you today?"
 
 
 @pytest.fixture(scope="module")
-def whisper() -> WhisperStt:
-    return WhisperStt(SttOptions(beam_size=5), progress=False)
+def activity() -> Activity:
+    """One process's engines: what each sizes its threads by."""
+    return Activity()
+
+
+@pytest.fixture(scope="module")
+def whisper(activity: Activity) -> WhisperStt:
+    return WhisperStt(SttOptions(beam_size=5, threads=2), progress=False, activity=activity)
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +78,13 @@ def g2p() -> KokoroG2P:
 
 
 @pytest.fixture(scope="module")
-def kokoro(g2p: KokoroG2P) -> KokoroOnnx:
-    return KokoroOnnx(TtsOptions(), g2p=g2p, progress=False)
+def kokoro(g2p: KokoroG2P, activity: Activity) -> KokoroOnnx:
+    return KokoroOnnx(TtsOptions(), g2p=g2p, progress=False, activity=activity)
 
 
 @pytest.fixture(scope="module")
-def llm() -> LlamaLlm:
-    return LlamaLlm(LlmOptions(seed=7, temperature=0.2), progress=False)
+def llm(activity: Activity) -> LlamaLlm:
+    return LlamaLlm(LlmOptions(seed=7, temperature=0.2), progress=False, activity=activity)
 
 
 def wer(reference: str, heard: str) -> float:
@@ -230,18 +235,20 @@ def test_torch_vocoder_sounds_like_onnxruntimes(g2p: KokoroG2P) -> None:
         TorchVocoder.from_onnx(helper.make_model(helper.make_graph([], "empty", [], [])), 2)
 
 
-def test_vocoder_choice(kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vocoder_choice(
+    kokoro: KokoroOnnx, activity: Activity, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import onnx
 
     from bot.engines import tts
 
     model = onnx.load(str(kokoro.resolved.path))
-    assert _KokoroStreamer._torch_vocoder(model, "onnx", 2) is None
+    assert _KokoroStreamer._torch_vocoder(model, "onnx", 2, activity) is None
     monkeypatch.setattr(tts, "cpu_has_bf16", lambda: False)
-    assert _KokoroStreamer._torch_vocoder(model, "auto", 2) is None  # no bfloat16 units
-    assert _KokoroStreamer._torch_vocoder(model, "torch", 2) is not None  # asked for
+    assert _KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is None  # no bfloat16 units
+    assert _KokoroStreamer._torch_vocoder(model, "torch", 2, activity) is not None  # asked for
     monkeypatch.setattr(tts, "cpu_has_bf16", lambda: True)
-    assert _KokoroStreamer._torch_vocoder(model, "auto", 2) is not None
+    assert _KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is not None
 
 
 def test_kokoro_window_plan_covers_the_speech_once() -> None:
@@ -283,7 +290,7 @@ def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path:
     )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert _KokoroStreamer.split(path) is None
+    assert _KokoroStreamer.split(path, vocoder="onnx", threads=2, activity=Activity()) is None
 
 
 def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
@@ -503,13 +510,13 @@ def test_load_parameters_are_changed_only_while_a_model_loads() -> None:
         kv_unified = False
 
     low = SimpleNamespace(llama_model_default_params=Params, llama_context_default_params=Params)
-    with _load_params(low, extra_buffers=False, sequences=4):
+    with load_params(low, extra_buffers=False, sequences=4):
         assert low.llama_model_default_params().use_extra_bufts is False
         context = low.llama_context_default_params()
         assert context.n_seq_max == 4 and context.kv_unified is True
     assert low.llama_model_default_params is Params
     assert low.llama_context_default_params is Params
-    with _load_params(low, extra_buffers=True, sequences=1):
+    with load_params(low, extra_buffers=True, sequences=1):
         assert low.llama_model_default_params().use_extra_bufts is True
     low.llama_print_system_info = lambda: b"CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 | "
     assert built_with_amx(low)
@@ -538,9 +545,10 @@ def test_openmp_build_is_recognised_and_flagged_beside_a_pytorch_vocoder() -> No
 
 def test_numpy_starts_no_spinning_blas_threads_beside_the_engines() -> None:
     """OpenBLAS's idle workers spin after every call (3.8 % of the server's CPU at four calls);
-    importing ``bot`` first keeps numpy's BLAS on the calling thread."""
+    the process's entry point (``python -m bot``, ``voicebot``) keeps numpy's BLAS on the
+    calling thread."""
     code = (
-        "import os, bot, numpy as np; a = np.ones((400, 400), np.float32); a @ a; "
+        "import os, bot.__main__, numpy as np; a = np.ones((400, 400), np.float32); a @ a; "
         "print(len(os.listdir('/proc/self/task')))"
     )
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
@@ -555,7 +563,7 @@ def test_installed_llama_cpp_runs_its_own_thread_pool(llm: LlamaLlm) -> None:
     assert llm.openmp is False
 
 
-def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm) -> None:
+def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm, activity: Activity) -> None:
     import llama_cpp
 
     def llama_threads() -> tuple[int, int]:
@@ -564,22 +572,22 @@ def test_llm_runs_one_thread_while_stt_or_tts_computes(llm: LlamaLlm) -> None:
 
     messages = [{"role": "user", "content": "Name a colour."}]
     assert llm.options.threads == 2
-    with ACTIVITY.running("tts"):
-        assert ACTIVITY.beside("llm") and not ACTIVITY.beside("tts")
+    with activity.running("tts"):
+        assert activity.beside("llm") and not activity.beside("tts")
         assert "".join(llm.stream(messages, max_tokens=3)).strip()
         assert llama_threads() == (1, 1)
-    assert not ACTIVITY.busy
+    assert not activity.busy
     assert "".join(llm.stream(messages, max_tokens=3)).strip()
     assert llama_threads() == (2, 2)
 
 
 def test_stt_and_tts_runs_count_as_activity(
-    whisper: WhisperStt, kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+    whisper: WhisperStt, kokoro: KokoroOnnx, activity: Activity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[bool, bool]] = []  # (beside the LLM, beside the TTS)
 
     def look() -> None:
-        seen.append((ACTIVITY.beside("llm"), ACTIVITY.beside("tts")))
+        seen.append((activity.beside("llm"), activity.beside("tts")))
 
     def short(audio: np.ndarray) -> tuple[str, float]:
         look()
@@ -598,11 +606,11 @@ def test_stt_and_tts_runs_count_as_activity(
     assert len(list(kokoro.synthesize("Hello there."))) == 2
     # Whisper counts beside both; Kokoro beside the LLM, not beside itself.
     assert seen == [(True, True), (True, False), (True, False)]
-    assert not ACTIVITY.busy
+    assert not activity.busy
 
 
 def test_kokoro_runs_on_one_thread_beside_another_engine(
-    kokoro: KokoroOnnx, monkeypatch: pytest.MonkeyPatch
+    kokoro: KokoroOnnx, activity: Activity, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Alone a Kokoro run takes its threads; beside the LLM or Whisper, one (both the ONNX
     front's session and the PyTorch vocoder)."""
@@ -629,7 +637,7 @@ def test_kokoro_runs_on_one_thread_beside_another_engine(
     alone = (list(fronts), set(torch_threads))
     fronts.clear()
     torch_threads.clear()
-    with ACTIVITY.running("llm"):
+    with activity.running("llm"):
         assert list(kokoro.synthesize("Hello there."))
     on_torch = vocoder is not None
     assert alone == ([2], {2} if on_torch else set())
@@ -779,3 +787,32 @@ def test_kokoro_speaks_another_voice_of_the_same_model(kokoro: KokoroOnnx) -> No
     assert len(other) > 0 and not np.array_equal(default[: len(other)], other[: len(default)])
     with pytest.raises(ModelUnavailable, match=r"voice 'af_nobody' is not in .*jf_alpha"):
         kokoro.check_voice("af_nobody")
+
+
+def test_a_llama_cpp_without_what_the_bot_uses_is_refused_naming_it() -> None:
+    from bot.engines.llama_api import INTERNALS, LOW_LEVEL, LlamaApi, missing, unsupported
+
+    low = types.SimpleNamespace(**{n: None for n in LOW_LEVEL if n != "llama_memory_seq_cp"})
+    internals = types.SimpleNamespace(**{n: None for n in INTERNALS})
+    gone = missing(low, internals, loaded=types.SimpleNamespace(_model=None))
+    assert gone == ["llama_cpp.llama_cpp.llama_memory_seq_cp", "Llama._ctx"]
+    message = str(unsupported("0.4.0", gone))
+    assert message.startswith(
+        "llama-cpp-python 0.4.0 lacks llama_cpp.llama_cpp.llama_memory_seq_cp, Llama._ctx"
+    )
+    assert "llama-cpp-python==0.3.36" in message
+    api = LlamaApi()  # the installed one has everything
+    assert api.version == "0.3.36" and missing(api.low, api._internals) == []
+
+
+def test_a_misaki_whose_g2p_needs_more_set_up_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from misaki import en
+
+    def needs_more(self: Any, text: str) -> Any:
+        return self.something_new(text)
+
+    monkeypatch.setattr(en.G2P, "__call__", needs_more)
+    with pytest.raises(ModelUnavailable, match=r"^misaki 0\.9\.4: .*something_new"):
+        KokoroG2P()

@@ -22,6 +22,7 @@ from typing import Final
 
 from ..audio import ulaw_to_pcm
 from ..calllog import CallLogger
+from ..config import ServerSettings, default
 from . import audiosocket as proto
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,20 @@ ULAW_FIX: Final = (
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    uuid: float = 5.0  # a new connection must send its UUID within this
+    """``[server]``'s timeouts, as the server takes them (``from_settings``)."""
+
+    # A new connection must send its UUID within this.
+    uuid: float = default(ServerSettings, "uuid_timeout")
     # Neither side sent a frame for this long: the line is dead. A phone that sends nothing in
     # silence (VAD/DTX) leaves Asterisk's side quiet, so our own frames count too, as they do
     # for Asterisk's AudioSocket app (which gives up after 2 s of neither side sending).
-    idle: float = 10.0
-    write: float = 2.0  # a peer that stops reading must not hold our writer forever
+    idle: float = default(ServerSettings, "idle_timeout")
+    # A peer that stops reading must not hold our writer forever.
+    write: float = default(ServerSettings, "write_timeout")
+
+    @classmethod
+    def from_settings(cls, s: ServerSettings) -> Timeouts:
+        return cls(uuid=s.uuid_timeout, idle=s.idle_timeout, write=s.write_timeout)
 
 
 class SessionEnded(Exception):

@@ -6,37 +6,16 @@ Built once per process by the composition root (:mod:`bot.app`) and handed to ea
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..audio import resample_pcm
 from ..config import AssistantProfile, Settings
-from ..engines import EngineError
+from ..engines import Activity, EngineError
 from ..engines.base import EngineSet, LlmEngine
 from ..engines.tts import speak
 from .turns import Vad, make_vad
-
-
-class Replies:
-    """How many replies of any call have LLM or TTS work left: a call replies ahead of the
-    caller's endpoint only while there is none (guesswork must not slow a real answer)."""
-
-    def __init__(self) -> None:
-        self.working_now = 0
-
-    @property
-    def busy(self) -> bool:
-        return self.working_now > 0
-
-    @contextlib.contextmanager
-    def working(self) -> Iterator[None]:
-        self.working_now += 1
-        try:
-            yield
-        finally:
-            self.working_now -= 1
 
 
 @dataclass
@@ -47,10 +26,11 @@ class Assets:
     engines: EngineSet
     # Engine work of every call runs here (STT, the LLM's stream, TTS).
     executor: ThreadPoolExecutor
+    # What the engines are doing, and the replies under way in every call (the engines' own).
+    activity: Activity = field(default_factory=Activity)
     # Another LLM for a profile that names one ([profiles.NAME] llm): loads and warms it.
     load_llm: Callable[[str], LlmEngine] | None = None
     vad: Callable[[], Vad] | None = None  # a new VAD for a call (None: from [turns] vad)
-    replies: Replies = field(default_factory=Replies)
     # ("greeting:PROFILE" | "transfer:PROFILE" | "say_again:PROFILE" | "busy" | "apology",
     # rate) -> PCM, synthesized at start-up
     prompts: dict[tuple[str, int], bytes] = field(default_factory=dict)

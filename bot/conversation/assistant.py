@@ -323,7 +323,7 @@ class Assistant:
             or self._wants_person(text)
             or self._misheard(transcript)
             or (self._reply is not None and not self._reply.done())
-            or self.assets.replies.busy
+            or self.assets.activity.replies > 0
         ):
             return
         turn = Turn(self._turns + 1, transcript=text, stt_speculative=True)

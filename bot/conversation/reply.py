@@ -100,7 +100,7 @@ class Reply:
         if turn.ended.is_set():
             call.state = CallState.THINKING
         try:
-            with self.assets.replies.working():
+            with self.assets.activity.replying():
                 async with asyncio.TaskGroup() as tg:
                     name = f"{call.session.uuid}-%s-{turn.index}"
                     if turn.misheard is None:

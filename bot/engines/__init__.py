@@ -28,18 +28,24 @@ class EngineFailed(EngineError):
 
 
 class Activity:
-    """Which engines are computing in this process right now (runs per engine: "stt", "llm",
-    "tts").
+    """What the engines of one process are doing: the process's scheduler, made once by the
+    composition root and handed to every engine and every call's conversation.
 
-    Each engine sizes its threads by it, run by run: alone it takes all its threads, beside
-    another engine one. Two engines each on all the cores oversubscribe them: llama.cpp's
-    threads meet at a spinning barrier after every graph node, so a descheduled thread keeps
-    the other spinning, and every engine's run stretches (docs/performance.md).
+    - Engine runs ("stt", "llm", "tts"): each engine sizes its threads by them, run by run:
+      alone it takes all its threads, beside another engine one. Two engines each on all the
+      cores oversubscribe them: llama.cpp's threads meet at a spinning barrier after every
+      graph node, so a descheduled thread keeps the other spinning, and every engine's run
+      stretches (docs/performance.md).
+    - Replies of any call with LLM or TTS work left: a call replies ahead of the caller's
+      endpoint only while there is none (guesswork must not slow a real answer).
+
+    An engine built without one gets its own: alone, it takes all its threads.
     """
 
     def __init__(self) -> None:
         self._running: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.replies = 0  # (kept by the event loop's thread only)
 
     @property
     def busy(self) -> bool:
@@ -64,8 +70,14 @@ class Activity:
             with self._lock:
                 self._running[engine] -= 1
 
-
-ACTIVITY = Activity()  # the process's engines share the cores
+    @contextlib.contextmanager
+    def replying(self) -> Iterator[None]:
+        """A reply's LLM or TTS work is under way (see ``replies``)."""
+        self.replies += 1
+        try:
+            yield
+        finally:
+            self.replies -= 1
 
 
 class DeadlineLock:

@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import ctypes
 import functools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..config import DEFAULT_SYSTEM_PROMPT
-from . import ACTIVITY, EngineFailed, ModelUnavailable
+from ..config import DEFAULT_SYSTEM_PROMPT, MODEL_PACKS, ModelSettings, default
+from . import Activity, EngineFailed, ModelUnavailable
 from .base import Message, Usage
+from .llama_api import LlamaApi, built_with, built_with_amx, chat_formatter, load_params
 from .models import resolve
 
 BATCH_TOKENS: Final = 512  # tokens one llama_decode takes: new prompts and one per reply
@@ -46,65 +46,18 @@ USER_MARKER: Final = "\x1f"  # where the next user message's words start (see _u
 
 @dataclass(frozen=True, slots=True)
 class LlmOptions:
-    model: str = "qwen2.5-0.5b"  # catalogue name, GGUF path, or "owner/repo:file.gguf" on HF
-    n_ctx: int = 2048  # per reply (each sequence's window)
-    threads: int = 2
-    max_tokens: int = 50
+    # catalogue name, GGUF path, or "owner/repo:file.gguf" on HF
+    model: str = MODEL_PACKS["default"]["llm"]
+    n_ctx: int = default(ModelSettings, "llm_n_ctx")  # per reply (each sequence's window)
+    threads: int = default(ModelSettings, "threads")
+    max_tokens: int = default(ModelSettings, "llm_max_tokens")
     temperature: float = 0.2  # low: a business's facts, said as the prompt gives them
     top_p: float = 0.9
     seed: int = -1
     stop: tuple[str, ...] = ()
-    extra_buffers: str = "auto"  # llama.cpp's extra weight layouts: auto (off if built with AMX)
-    parallel: int = 4  # replies decoded together (llama.cpp sequences, one batch)
-
-
-def built_with(low_level: Any, feature: str) -> bool:
-    """Whether this llama.cpp build says ``feature = 1`` in its system info (``AMX_INT8``,
-    ``OPENMP``)."""
-    try:
-        info = low_level.llama_print_system_info()
-    except Exception:
-        return False
-    text = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-    return f"{feature} = 1" in text
-
-
-def built_with_amx(low_level: Any) -> bool:
-    """Whether this llama.cpp build uses Intel AMX (it does where it was compiled on a CPU
-    with AMX and without ``-mno-amx-*``, as scripts/bootstrap compiles it)."""
-    return built_with(low_level, "AMX_INT8")
-
-
-_PARAMS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _load_params(low_level: Any, *, extra_buffers: bool, sequences: int) -> Iterator[None]:
-    """``Llama()`` builds its model and context parameters itself from ``llama_cpp.llama_cpp``'s
-    defaults: have them use (or not) llama.cpp's extra buffer types, and hold ``sequences``
-    sequences in one unified KV cache, while one model loads."""
-    model_default = low_level.llama_model_default_params
-    context_default = low_level.llama_context_default_params
-
-    def model_params() -> Any:
-        p = model_default()
-        p.use_extra_bufts = extra_buffers
-        return p
-
-    def context_params() -> Any:
-        p = context_default()
-        p.n_seq_max = sequences
-        p.kv_unified = True
-        return p
-
-    with _PARAMS_LOCK:
-        low_level.llama_model_default_params = model_params
-        low_level.llama_context_default_params = context_params
-        try:
-            yield
-        finally:
-            low_level.llama_model_default_params = model_default
-            low_level.llama_context_default_params = context_default
+    # llama.cpp's extra weight layouts: auto (off if built with AMX)
+    extra_buffers: str = default(ModelSettings, "llm_extra_buffers")
+    parallel: int = default(ModelSettings, "llm_parallel")  # replies decoded together
 
 
 @dataclass(eq=False)
@@ -169,24 +122,6 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
-def _chat_formatter(llama: Any) -> Callable[..., Any]:
-    """The model's own chat template (GGUF metadata), as ``Llama.create_chat_completion`` uses
-    it; ChatML for a model without one."""
-    from llama_cpp import llama_chat_format
-
-    template = llama.metadata.get("tokenizer.chat_template")
-    if not template:
-        return llama_chat_format.format_chatml  # type: ignore[no-any-return]
-    model = llama._model
-
-    def text(token: int) -> str:
-        return str(model.token_get_text(token)) if token != -1 else ""
-
-    return llama_chat_format.Jinja2ChatFormatter(
-        template=template, eos_token=text(llama.token_eos()), bos_token=text(llama.token_bos())
-    )
-
-
 class LlamaLlm:
     """The LLM of a process, shared by its calls: ``options.parallel`` replies at a time are
     decoded together, one token each per ``llama_decode`` (continuous batching).
@@ -202,14 +137,17 @@ class LlamaLlm:
     not asking (its call is synthesizing, or paused the LLM) sits out and costs nothing.
     """
 
-    def __init__(self, options: LlmOptions | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        options: LlmOptions | None = None,
+        *,
+        progress: bool = True,
+        activity: Activity | None = None,
+    ) -> None:
         self.options = o = options or LlmOptions()
-        try:
-            import llama_cpp.llama_cpp as low_level  # where Llama() takes its defaults from
-            from llama_cpp import Llama
-            from llama_cpp._internals import LlamaBatch, LlamaSampler
-        except ImportError as exc:  # pragma: no cover - a dependency of the package
-            raise ModelUnavailable(f"llama-cpp-python is not installed ({exc})") from exc
+        self.activity = activity or Activity()
+        self._api = api = LlamaApi()
+        low_level = api.low
         if o.extra_buffers not in ("auto", "on", "off"):
             raise ModelUnavailable(
                 f"extra_buffers must be auto, on or off, not {o.extra_buffers!r}"
@@ -217,7 +155,6 @@ class LlamaLlm:
         if o.parallel < 1:
             raise ModelUnavailable(f"parallel must be 1 or more, not {o.parallel}")
         self._low = low_level
-        self._new_sampler: Any = LlamaSampler
         # OpenMP: see the module's docstring (Engines warns where it matters).
         self.openmp = built_with(low_level, "OPENMP")
         self.extra_buffers = o.extra_buffers == "on" or (
@@ -236,10 +173,13 @@ class LlamaLlm:
             seed=o.seed,
         )
         try:
-            with _load_params(low_level, extra_buffers=self.extra_buffers, sequences=o.parallel):
-                self._llm: Any = self._load(Llama, kwargs)
-            self._batch = LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1)
-            self._format = _chat_formatter(self._llm)
+            with load_params(low_level, extra_buffers=self.extra_buffers, sequences=o.parallel):
+                self._llm: Any = self._load(api.Llama, kwargs)
+            api.check_loaded(self._llm)
+            self._batch = api.new_batch(BATCH_TOKENS)
+            self._format = chat_formatter(self._llm)
+        except ModelUnavailable:
+            raise
         except Exception as exc:
             raise ModelUnavailable(f"cannot load LLM {o.model!r}: {exc}") from exc
         self._ctx = self._llm._ctx
@@ -260,7 +200,7 @@ class LlamaLlm:
         (as scripts/bootstrap builds it), the barrier spins: with another engine's threads on
         the same cores, a descheduled thread keeps the other spinning (docs/performance.md).
         """
-        want = ACTIVITY.threads("llm", self.options.threads)
+        want = self.activity.threads("llm", self.options.threads)
         if want != self.threads:
             self._ctx.set_n_threads(want, want)
             self.threads = want
@@ -411,7 +351,7 @@ class LlamaLlm:
     def _sampler(self, temperature: float) -> Any:
         """What ``Llama.create_chat_completion`` samples with (its defaults, and ours)."""
         o = self.options
-        sampler = self._new_sampler()
+        sampler = self._api.new_sampler()
         seed = o.seed if o.seed >= 0 else self._low.LLAMA_DEFAULT_SEED
         if temperature <= 0:
             sampler.add_greedy()
@@ -530,7 +470,7 @@ class LlamaLlm:
                 outputs.append((g, n - 1))
         batch.n_tokens = n
         try:
-            with ACTIVITY.running("llm"):
+            with self.activity.running("llm"):
                 self._fit_threads()
                 self._ctx.decode(self._batch)
             return [(g, g.sampler.sample(self._ctx, i)) for g, i in outputs]
@@ -571,12 +511,7 @@ class LlamaLlm:
             self._leave(g)
 
     def _piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._low.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:  # longer than the buffer: -n bytes
-            buf = ctypes.create_string_buffer(-n)
-            n = self._low.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+        return self._api.token_piece(self._vocab, token)
 
     def _leave(self, g: _Generation) -> None:
         """Frees ``g``'s slot (its cache stays, for the call's next turn) or its queue place."""

@@ -11,41 +11,18 @@ from typing import Final
 
 import numpy as np
 
-from ..config import ModelSettings
-from . import ACTIVITY, EngineError
+from ..config import MODEL_PACKS, ModelSettings
+from . import Activity, EngineError
 from .base import TtsEngine
 from .llm import LlamaLlm, LlmOptions
 from .stt import SttOptions, WhisperStt
 from .tts import KokoroTorch, TtsOptions, create
 
-PACK_MODELS: Final[dict[str, dict[str, str]]] = {
-    "default": {
-        "stt": "whisper-tiny.en",
-        "llm": "qwen2.5-0.5b",
-        "tts": "kokoro-v1.0-int8",
-        "tts_engine": "kokoro",
-        "voice": "jm_kumo",
-    },
-    "fast": {
-        "stt": "whisper-tiny.en",
-        "llm": "smollm2-135m",
-        "tts": "piper-joe-medium",
-        "tts_engine": "piper",
-        "voice": "",
-    },
-    "quality": {
-        "stt": "whisper-base",
-        "llm": "qwen2.5-1.5b",
-        "tts": "kokoro-v1.0-int8",
-        "tts_engine": "kokoro",
-        "voice": "jm_kumo",
-    },
-}
 WARM_UP_PHRASES: Final = ("Hello!", "Thanks for calling, how can I help you today?", "Goodbye.")
 
 
 def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
-    pack = PACK_MODELS[m.pack]
+    pack = MODEL_PACKS[m.pack]
     stt = SttOptions(model=m.stt or pack["stt"], beam_size=m.stt_beam_size, threads=m.stt_threads)
     llm = LlmOptions(
         model=m.llm or pack["llm"],
@@ -85,23 +62,28 @@ class Engines:
     """STT, LLM and TTS for every call of this process (shared; per-call state lives elsewhere)."""
 
     def __init__(
-        self, settings: ModelSettings, *, log: Callable[[str], None] | None = None
+        self,
+        settings: ModelSettings,
+        *,
+        log: Callable[[str], None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.settings = settings
+        self.activity = activity or Activity()  # the process's scheduler, shared with calls
         self.timing = Timing()
         say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         stt_o, llm_o, tts_o = options(settings)
         start = time.perf_counter()
         say(f"loading STT {stt_o.model} ...")
-        self.stt = WhisperStt(stt_o)
+        self.stt = WhisperStt(stt_o, activity=self.activity)
         self.timing.load["stt"] = time.perf_counter() - start
         start = time.perf_counter()
         say(f"loading LLM {llm_o.model} ...")
-        self.llm = LlamaLlm(llm_o)
+        self.llm = LlamaLlm(llm_o, activity=self.activity)
         self.timing.load["llm"] = time.perf_counter() - start
         start = time.perf_counter()
         say(f"loading TTS {tts_o.engine} {tts_o.model} ...")
-        self.tts: TtsEngine = create(tts_o)
+        self.tts: TtsEngine = create(tts_o, activity=self.activity)
         self.timing.load["tts"] = time.perf_counter() - start
         self._say = say
         if openmp_beside_pytorch(self.llm, self.tts):
@@ -116,7 +98,7 @@ class Engines:
         start = time.perf_counter()
         self._say("warming up TTS ...")
         audio = [np.concatenate(list(self.tts.synthesize(p))) for p in WARM_UP_PHRASES]
-        with ACTIVITY.running("warm-up"):  # the paths a run takes beside another engine
+        with self.activity.running("warm-up"):  # the paths a run takes beside another engine
             for _ in self.tts.synthesize(WARM_UP_PHRASES[1]):
                 pass
         self.timing.warm_up["tts"] = time.perf_counter() - start
@@ -135,12 +117,12 @@ class Engines:
 
     def load_llm(self, model: str) -> LlamaLlm:
         """Another LLM (a profile's own), with the same settings as this one, warmed up."""
-        return load_llm(self.settings, model)
+        return load_llm(self.settings, model, self.activity)
 
 
-def load_llm(settings: ModelSettings, model: str) -> LlamaLlm:
+def load_llm(settings: ModelSettings, model: str, activity: Activity | None = None) -> LlamaLlm:
     """LLM ``model`` with the rest of ``settings``, warmed up."""
     _, llm_options, _ = options(settings)
-    llm = LlamaLlm(dataclasses.replace(llm_options, model=model))
+    llm = LlamaLlm(dataclasses.replace(llm_options, model=model), activity=activity)
     llm.warm_up()
     return llm

@@ -16,8 +16,9 @@ from typing import Any, Final
 import numpy as np
 
 from ..audio import pcm_to_float, resample
+from ..config import MODEL_PACKS, ModelSettings, default
 from ..wording import words
-from . import ACTIVITY, EngineFailed, ModelUnavailable
+from . import Activity, EngineFailed, ModelUnavailable
 from .base import Transcript
 from .models import Resolved, resolve
 
@@ -49,10 +50,11 @@ TOKENS_PER_S: Final = 6  # and this many per second of audio
 
 @dataclass(frozen=True, slots=True)
 class SttOptions:
-    model: str = "whisper-tiny.en"  # catalogue name, path, HF repo, or a faster-whisper size
-    beam_size: int = 1
+    # catalogue name, path, HF repo, or a faster-whisper size
+    model: str = MODEL_PACKS["default"]["stt"]
+    beam_size: int = default(ModelSettings, "stt_beam_size")
     compute_type: str = "int8"
-    threads: int = 2
+    threads: int = default(ModelSettings, "stt_threads")
     language: str | None = "en"
     # Whisper pads every input to 30 s, which is most of its cost for a 1-3 s phone turn. An
     # utterance shorter than this window is encoded padded to the window only (10 s measured
@@ -62,8 +64,15 @@ class SttOptions:
 
 
 class WhisperStt:
-    def __init__(self, options: SttOptions | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        options: SttOptions | None = None,
+        *,
+        progress: bool = True,
+        activity: Activity | None = None,
+    ) -> None:
         self.options = options or SttOptions()
+        self.activity = activity or Activity()
         try:
             from faster_whisper import WhisperModel
         except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -105,7 +114,7 @@ class WhisperStt:
         window = self.options.window_s
         if self._short is not None and len(audio) / WHISPER_RATE <= window - 0.5:
             try:
-                with self._lock, ACTIVITY.running("stt"):
+                with self._lock, self.activity.running("stt"):
                     text, confidence = self._short.transcribe(audio)
             except Exception as exc:
                 raise EngineFailed(f"Whisper failed: {exc}") from exc
@@ -113,7 +122,7 @@ class WhisperStt:
             return Transcript(text, len(pcm) / 2 / rate, seconds, o.language, confidence)
         try:
             # One decode at a time per model: CTranslate2 uses all its threads.
-            with self._lock, ACTIVITY.running("stt"):
+            with self._lock, self.activity.running("stt"):
                 segments, info = self._model.transcribe(
                     audio,
                     language=o.language,

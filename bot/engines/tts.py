@@ -46,7 +46,8 @@ from typing import Any, Final
 import numpy as np
 
 from ..audio import Resampler, float_to_pcm
-from . import ACTIVITY, DeadlineLock, EngineFailed, ModelUnavailable
+from ..config import MODEL_PACKS, ModelSettings, default
+from . import Activity, DeadlineLock, EngineFailed, ModelUnavailable
 from .base import FloatArray, TtsEngine
 from .models import CATALOG, materialize, resolve
 from .vocoder import TorchVocoder, cpu_has_bf16
@@ -74,17 +75,19 @@ SENTENCE_SPLIT: Final = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
 @dataclass(frozen=True, slots=True)
 class TtsOptions:
-    engine: str = "kokoro"  # kokoro | piper
-    backend: str = "onnx"  # kokoro: onnx | torch
-    model: str = "kokoro-v1.0-int8"  # catalogue name, path, or HF repo (torch: hexgrad/Kokoro-82M)
-    voice: str = "jm_kumo"  # a voice in the voices file, a .pt/.npy path, or an HF voice name
+    engine: str = MODEL_PACKS["default"]["tts_engine"]  # kokoro | piper
+    backend: str = default(ModelSettings, "tts_backend")  # kokoro: onnx | torch
+    # catalogue name, path, or HF repo (torch: hexgrad/Kokoro-82M)
+    model: str = MODEL_PACKS["default"]["tts"]
+    # a voice in the voices file, a .pt/.npy path, or an HF voice name
+    voice: str = MODEL_PACKS["default"]["voice"]
     speed: float = 1.0
-    threads: int = 2
+    threads: int = default(ModelSettings, "threads")
     # Kokoro ONNX: vocode each sentence in windows, the first audio after ~0.3 s of it.
-    streaming: bool = True
+    streaming: bool = default(ModelSettings, "tts_streaming")
     # Kokoro ONNX streaming: the vocoder on onnxruntime ("onnx"), or on PyTorch in bfloat16
     # ("torch", bot/engines/vocoder.py); "auto": torch where the CPU has bfloat16 units.
-    vocoder: str = "auto"
+    vocoder: str = default(ModelSettings, "tts_vocoder")
 
 
 def sentences(text: str) -> list[str]:
@@ -125,6 +128,10 @@ def _spacy_nlp() -> Any:
     return spacy.load(config.parent, enable=components)
 
 
+# misaki's G2P is built here without its __init__ (see KokoroG2P), as this version allows.
+TESTED_MISAKI: Final = "0.9.4"
+
+
 class KokoroG2P:
     """misaki's English G2P, built without its run-time download of spaCy's model."""
 
@@ -144,6 +151,16 @@ class KokoroG2P:
         g2p.unk = ""
         self._g2p = g2p
         self._lock = threading.Lock()  # spaCy pipelines are not thread-safe
+        try:  # a misaki whose G2P needs more than the attributes set above fails here
+            self("Hello.")
+        except (AttributeError, TypeError) as exc:
+            import misaki
+
+            version = getattr(misaki, "__version__", "?")
+            raise ModelUnavailable(
+                f"misaki {version}: its English G2P cannot be set up without downloading "
+                f"spaCy's model ({exc}); the bot is tested with misaki {TESTED_MISAKI}"
+            ) from exc
 
     def __call__(self, text: str) -> str:
         with self._lock:
@@ -165,9 +182,10 @@ def _chunks(phonemes: str, limit: int = MAX_PHONEMES) -> Iterator[str]:
 class _KokoroBase:
     native_rate = KOKORO_RATE
 
-    def __init__(self, options: TtsOptions, g2p: KokoroG2P | None) -> None:
+    def __init__(self, options: TtsOptions, g2p: KokoroG2P | None, activity: Activity) -> None:
         self.options = options
         self.g2p = g2p or KokoroG2P()
+        self.activity = activity
         self._lock = DeadlineLock()
 
     def synthesize(
@@ -179,7 +197,7 @@ class _KokoroBase:
                 pieces = self._stream(phonemes, style)
                 while True:
                     # One model run at a time; others, due sooner, may run in between.
-                    with self._lock.hold(due), ACTIVITY.running("tts"):
+                    with self._lock.hold(due), self.activity.running("tts"):
                         try:
                             audio = next(pieces, None)
                         except Exception as exc:
@@ -213,8 +231,10 @@ class KokoroOnnx(_KokoroBase):
         *,
         g2p: KokoroG2P | None = None,
         progress: bool = True,
+        activity: Activity | None = None,
     ) -> None:
         options = options or TtsOptions()
+        activity = activity or Activity()
         import onnxruntime as ort
 
         resolved = resolve(options.model, "tts-kokoro", progress=progress)
@@ -233,7 +253,10 @@ class KokoroOnnx(_KokoroBase):
         self.streaming: _KokoroStreamer | None = None
         if options.streaming:
             self.streaming = _KokoroStreamer.split(
-                Path(resolved.path), vocoder=options.vocoder, threads=options.threads
+                Path(resolved.path),
+                vocoder=options.vocoder,
+                threads=options.threads,
+                activity=activity,
             )
         # The whole graph in one session only where it is run whole (the halves hold it all).
         self.session: Any = None
@@ -248,7 +271,7 @@ class KokoroOnnx(_KokoroBase):
         else:
             entry = self.streaming.front.session(options.threads)  # takes the model's inputs
         self._inputs = {i.name for i in entry.get_inputs()}
-        super().__init__(options, g2p)
+        super().__init__(options, g2p, activity)
 
     def _style(self, voice: str) -> Any:
         if voice not in self.voices:
@@ -292,10 +315,11 @@ class _Sessions:
     threads are fixed): each run takes ``threads`` alone, one beside another engine (see
     :class:`bot.engines.Activity`)."""
 
-    def __init__(self, part: Any, threads: int, *, spinning: bool) -> None:
+    def __init__(self, part: Any, threads: int, *, spinning: bool, activity: Activity) -> None:
         import onnxruntime as ort
 
         self.threads = threads
+        self.activity = activity
         self._by_threads: dict[int, Any] = {}
         for n in sorted({1, threads}):
             so = ort.SessionOptions()
@@ -311,7 +335,7 @@ class _Sessions:
         return self._by_threads[threads]
 
     def run(self, outputs: Any, feeds: dict[str, Any]) -> Any:
-        return self._by_threads[ACTIVITY.threads("tts", self.threads)].run(outputs, feeds)
+        return self._by_threads[self.activity.threads("tts", self.threads)].run(outputs, feeds)
 
 
 class _KokoroStreamer:
@@ -326,7 +350,7 @@ class _KokoroStreamer:
 
     @classmethod
     def split(
-        cls, path: Path, *, vocoder: str = "onnx", threads: int = 2
+        cls, path: Path, *, vocoder: str, threads: int, activity: Activity
     ) -> _KokoroStreamer | None:
         """Both halves of the model at ``path``; None (one-shot synthesis) for a graph that
         lacks the tensors it is cut at, such as another exporter's. ``vocoder``: see
@@ -342,26 +366,30 @@ class _KokoroStreamer:
         inputs = [i.name for i in model.graph.input]
         front = extractor.extract_model(inputs, [_GEN_FEATURES, _GEN_SOURCE, _DURATIONS])
 
-        torch_vocoder = cls._torch_vocoder(model, vocoder, threads)
+        torch_vocoder = cls._torch_vocoder(model, vocoder, threads, activity)
         if torch_vocoder is not None:
             # onnxruntime's threads spin after each run, which slowed the vocoder's first
             # window right after the front by ~30 ms: they sleep instead here.
-            streamer = cls(_Sessions(front, threads, spinning=False), None, torch_vocoder)
+            front_part = _Sessions(front, threads, spinning=False, activity=activity)
+            streamer = cls(front_part, None, torch_vocoder)
             streamer.warm_up()
             return streamer
         generator = extractor.extract_model(
             [_GEN_FEATURES, _GEN_SOURCE, _GEN_STYLE], [o.name for o in model.graph.output]
         )
         return cls(
-            _Sessions(front, threads, spinning=True), _Sessions(generator, threads, spinning=True)
+            _Sessions(front, threads, spinning=True, activity=activity),
+            _Sessions(generator, threads, spinning=True, activity=activity),
         )
 
     @staticmethod
-    def _torch_vocoder(model: Any, choice: str, threads: int) -> TorchVocoder | None:
+    def _torch_vocoder(
+        model: Any, choice: str, threads: int, activity: Activity
+    ) -> TorchVocoder | None:
         if choice == "onnx" or (choice == "auto" and not cpu_has_bf16()):
             return None
         try:
-            return TorchVocoder.from_onnx(model, threads)
+            return TorchVocoder.from_onnx(model, threads, activity=activity)
         except ModelUnavailable:
             if choice == "torch":
                 raise
@@ -465,6 +493,7 @@ class KokoroTorch(_KokoroBase):
         config: str | Path | None = None,
         g2p: KokoroG2P | None = None,
         threads: int | None = None,
+        activity: Activity | None = None,
     ) -> None:
         options = options or TtsOptions(
             backend="torch", model="hexgrad/Kokoro-82M", voice="af_heart"
@@ -490,7 +519,7 @@ class KokoroTorch(_KokoroBase):
         self._packs: dict[str, Any] = {}
         self.pack = self._style(options.voice)
         self.vocab = self.model.vocab
-        super().__init__(options, g2p)
+        super().__init__(options, g2p, activity or Activity())
 
     def _style(self, voice: str) -> Any:
         """A local ``.pt`` voice pack, or an official voice name from Hugging Face."""
@@ -528,8 +557,15 @@ class KokoroTorch(_KokoroBase):
 class PiperTts:
     """Piper (VITS on onnxruntime): the lowest latency, one chunk per sentence."""
 
-    def __init__(self, options: TtsOptions | None = None, *, progress: bool = True) -> None:
+    def __init__(
+        self,
+        options: TtsOptions | None = None,
+        *,
+        progress: bool = True,
+        activity: Activity | None = None,
+    ) -> None:
         options = options or TtsOptions(engine="piper", model="piper-joe-medium", voice="")
+        self.activity = activity or Activity()
         try:
             from piper import PiperVoice
             from piper.config import SynthesisConfig
@@ -560,7 +596,7 @@ class PiperTts:
     ) -> Iterator[FloatArray]:
         self.check_voice(voice or "")
         for sentence in sentences(text):
-            with self._lock.hold(due), ACTIVITY.running("tts"):
+            with self._lock.hold(due), self.activity.running("tts"):
                 try:
                     chunks = list(self.voice.synthesize(sentence, self._config))
                 except Exception as exc:
@@ -569,14 +605,16 @@ class PiperTts:
                 yield np.asarray(chunk.audio_float_array, dtype=np.float32).reshape(-1)
 
 
-def create(options: TtsOptions, *, progress: bool = True) -> TtsEngine:
+def create(
+    options: TtsOptions, *, progress: bool = True, activity: Activity | None = None
+) -> TtsEngine:
     """The TTS engine these options name."""
     if options.engine == "piper":
-        return PiperTts(options, progress=progress)
+        return PiperTts(options, progress=progress, activity=activity)
     if options.engine != "kokoro":
         raise ModelUnavailable(f"unknown TTS engine {options.engine!r} (kokoro, piper)")
     if options.backend == "onnx":
-        return KokoroOnnx(options, progress=progress)
+        return KokoroOnnx(options, progress=progress, activity=activity)
     if options.backend == "torch":
-        return KokoroTorch(options)
+        return KokoroTorch(options, activity=activity)
     raise ModelUnavailable(f"unknown Kokoro backend {options.backend!r} (onnx, torch)")

@@ -46,7 +46,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from . import ACTIVITY, ModelUnavailable
+from . import Activity, ModelUnavailable
 
 _NODE: Final = re.compile(
     r"^/decoder/decoder/generator/(?P<path>(?:resblocks|noise_res|noise_convs|ups|conv_post)"
@@ -81,11 +81,93 @@ class _Conv:
     dilation: int
 
 
+class _OnnxWeights:
+    """The initializers of an ONNX graph as numpy arrays, int8 ones dequantized."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self._to_array = numpy_helper.to_array
+        self._inits = {i.name: i for i in model.graph.initializer}
+
+    def array(self, name: str) -> npt.NDArray[Any]:
+        if name not in self._inits:
+            raise ModelUnavailable(f"Kokoro ONNX: no initializer {name!r}")
+        return np.array(self._to_array(self._inits[name]))  # writable, for torch
+
+    def dequantized(self, q_name: str, zp_name: str) -> npt.NDArray[np.float32]:
+        scale_name = q_name.removesuffix("_quantized") + "_scale"
+        q = self.array(q_name).astype(np.float32)
+        w = (q - self.array(zp_name).astype(np.float32)) * self.array(scale_name)
+        return np.asarray(w, dtype=np.float32)
+
+
+def _read_layers(model: Any, weights: _OnnxWeights, target: Any) -> dict[str, Any]:
+    """The generator's convolutions (float32 weights, ``target`` biases) and AdaIN style
+    projections, by path (``resblocks.0/convs1.0``), from the graph's nodes."""
+    import torch
+
+    layers: dict[str, Any] = {}
+    for node in model.graph.node:
+        m = _NODE.match(node.name)
+        if m is None:
+            continue
+        path = m.group("path")
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "MatMulInteger":  # an AdaIN's style projection
+            w = weights.dequantized(node.input[1], node.input[3])
+            b = weights.array(f"decoder.decoder.generator.{path.replace('/', '.')}.fc.bias")
+            layers[path] = (torch.from_numpy(w), torch.from_numpy(b))
+            continue
+        if node.op_type == "ConvInteger":
+            w = weights.dequantized(node.input[1], node.input[3])
+            bias = f"decoder.decoder.generator.{path.replace('/', '.')}.bias"
+        else:  # ConvTranspose, Conv: float weights
+            w = weights.array(node.input[1])
+            bias = node.input[2]
+        pads = list(attrs["pads"].ints) if "pads" in attrs else [0, 0]
+        if pads[0] != pads[-1]:
+            raise ModelUnavailable(f"Kokoro ONNX: uneven padding in {node.name}")
+        layers[path] = _Conv(
+            weight=torch.from_numpy(w),  # float32 until the Snake's 1/alpha is folded in
+            bias=torch.from_numpy(weights.array(bias)).to(target),
+            stride=int(attrs["strides"].ints[0]) if "strides" in attrs else 1,
+            padding=int(pads[0]),
+            dilation=int(attrs["dilations"].ints[0]) if "dilations" in attrs else 1,
+        )
+    return layers
+
+
+def _fold_snake_alpha(layers: dict[str, Any], weights: _OnnxWeights) -> None:
+    """Snake before a resblock's convolution: x + sin(alpha x)^2 / alpha. The AdaIN before it
+    is scaled by alpha (see TorchVocoder._adain), so the block computes y + sin(y)^2 with
+    y = alpha x, and 1/alpha, per input channel, multiplies the weights here."""
+    import torch
+
+    for path in [p for p in layers if "/" in p and p.split("/")[1].startswith("convs")]:
+        block, conv = path.split("/")
+        which, k = conv[len("convs")], conv[-1]
+        name = f"decoder.decoder.generator.{block}.alpha{which}.{k}"
+        alpha = torch.from_numpy(weights.array(name)).reshape(-1).float()
+        layers[f"{block}/alpha{which}.{k}"] = alpha
+        c = layers[path]
+        layers[path] = dataclasses.replace(c, weight=c.weight / alpha.reshape(1, -1, 1))
+
+
 class TorchVocoder:
     """Kokoro's generator on PyTorch (see the module's docstring)."""
 
-    def __init__(self, layers: dict[str, Any], threads: int, dtype: str = "bfloat16") -> None:
+    def __init__(
+        self,
+        layers: dict[str, Any],
+        threads: int,
+        dtype: str = "bfloat16",
+        *,
+        activity: Activity | None = None,
+    ) -> None:
         import torch
+
+        self.activity = activity or Activity()
 
         self._torch = torch
         self.dtype = getattr(torch, dtype)
@@ -103,80 +185,27 @@ class TorchVocoder:
         self._gain = float((self._window**2).sum()) / HOP
 
     @classmethod
-    def from_onnx(cls, model: Any, threads: int, dtype: str = "bfloat16") -> TorchVocoder:
+    def from_onnx(
+        cls, model: Any, threads: int, dtype: str = "bfloat16", *, activity: Activity | None = None
+    ) -> TorchVocoder:
         """The generator of the ONNX ``model`` (an ``onnx.ModelProto`` of Kokoro v1.0)."""
         try:
             import torch
         except ImportError as exc:
             raise ModelUnavailable(f"PyTorch is not installed ({exc})") from exc
-        from onnx import numpy_helper
-
-        inits = {i.name: i for i in model.graph.initializer}
-
-        def array(name: str) -> npt.NDArray[Any]:
-            if name not in inits:
-                raise ModelUnavailable(f"Kokoro ONNX: no initializer {name!r}")
-            return np.array(numpy_helper.to_array(inits[name]))  # writable, for torch
-
-        def dequantized(q_name: str, zp_name: str) -> npt.NDArray[np.float32]:
-            scale_name = q_name.removesuffix("_quantized") + "_scale"
-            q = array(q_name).astype(np.float32)
-            w = (q - array(zp_name).astype(np.float32)) * array(scale_name)
-            return np.asarray(w, dtype=np.float32)
-
+        weights = _OnnxWeights(model)
         target = getattr(torch, dtype)
-        layers: dict[str, Any] = {}
-        for node in model.graph.node:
-            m = _NODE.match(node.name)
-            if m is None:
-                continue
-            path = m.group("path")
-            attrs = {a.name: a for a in node.attribute}
-            if node.op_type == "MatMulInteger":  # an AdaIN's style projection
-                w = dequantized(node.input[1], node.input[3])
-                b = array(f"decoder.decoder.generator.{path.replace('/', '.')}.fc.bias")
-                layers[path] = (torch.from_numpy(w), torch.from_numpy(b))
-                continue
-            if node.op_type == "ConvInteger":
-                w = dequantized(node.input[1], node.input[3])
-                bias = f"decoder.decoder.generator.{path.replace('/', '.')}.bias"
-            else:  # ConvTranspose, Conv: float weights
-                w = array(node.input[1])
-                bias = node.input[2]
-            pads = list(attrs["pads"].ints) if "pads" in attrs else [0, 0]
-            if pads[0] != pads[-1]:
-                raise ModelUnavailable(f"Kokoro ONNX: uneven padding in {node.name}")
-            layers[path] = _Conv(
-                weight=torch.from_numpy(w),  # float32 until the Snake's 1/alpha is folded in
-                bias=torch.from_numpy(array(bias)).to(target),
-                stride=int(attrs["strides"].ints[0]) if "strides" in attrs else 1,
-                padding=int(pads[0]),
-                dilation=int(attrs["dilations"].ints[0]) if "dilations" in attrs else 1,
-            )
-        for path in [p for p in layers if "/" in p and p.split("/")[1].startswith("convs")]:
-            # Snake before this convolution: x + sin(alpha x)^2 / alpha. The AdaIN before it
-            # is scaled by alpha (see _adain), so the block computes y + sin(y)^2 with
-            # y = alpha x, and 1/alpha, per input channel, multiplies the weights here.
-            block, conv = path.split("/")
-            which, k = conv[len("convs")], conv[-1]
-            name = f"decoder.decoder.generator.{block}.alpha{which}.{k}"
-            alpha = torch.from_numpy(array(name)).reshape(-1).float()
-            layers[f"{block}/alpha{which}.{k}"] = alpha
-            c = layers[path]
-            layers[path] = dataclasses.replace(c, weight=c.weight / alpha.reshape(1, -1, 1))
+        layers = _read_layers(model, weights, target)
+        _fold_snake_alpha(layers, weights)
         for path, c in list(layers.items()):
             if isinstance(c, _Conv):  # [out, in, 1, k] (transposed: [in, out, 1, k])
                 weight = c.weight.to(target).unsqueeze(2)
                 layers[path] = dataclasses.replace(
                     c, weight=weight.contiguous(memory_format=torch.channels_last)
                 )
-        if (
-            "ups.0" not in layers
-            or "conv_post" not in layers
-            or "resblocks.0/convs1.0" not in layers
-        ):
+        if not {"ups.0", "conv_post", "resblocks.0/convs1.0"} <= layers.keys():
             raise ModelUnavailable("Kokoro ONNX: the generator's layers were not found")
-        return cls(layers, threads, dtype)
+        return cls(layers, threads, dtype, activity=activity)
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -193,7 +222,7 @@ class TorchVocoder:
         and the decoder's style ``[1, 128]``. ``threads``: by default ``self.threads`` alone,
         one beside another engine (see :class:`bot.engines.Activity`)."""
         torch = self._torch
-        threads = threads or ACTIVITY.threads("tts", self.threads)
+        threads = threads or self.activity.threads("tts", self.threads)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         with torch.inference_mode():

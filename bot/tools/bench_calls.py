@@ -85,6 +85,20 @@ def stage_times(turns: list[dict[str, Any]]) -> dict[str, list[float]]:
     return stages
 
 
+def _read_logs(logs: Path) -> tuple[list[dict[str, Any]], int, int]:
+    """The turns the bot logged, the calls it refused as busy, its playout re-anchors."""
+    turns: list[dict[str, Any]] = []
+    refused = reanchors = 0
+    for folder in list_calls(logs):
+        events = read_call(folder).events
+        refused += any(e["event"] == "busy" for e in events)
+        turns += [e for e in events if e["event"] == "turn"]
+        reanchors += sum(
+            int(e.get("playout_reanchors", 0)) for e in events if e["event"] == "call_end"
+        )
+    return turns, refused, reanchors
+
+
 def run(
     calls: int, concurrency: int, *, env: dict[str, str] | None = None, progress: bool = True
 ) -> dict[str, Any]:
@@ -110,15 +124,7 @@ def run(
     ]
     missed = sum(t.response_latency_ms is None for r in reports for t in r.turns)
     talk_overs = sum(t.talk_over_frames > 0 for r in reports for t in r.turns)
-    reanchors = refused = 0
-    turns_logged = []
-    for folder in list_calls(logs):
-        events = read_call(folder).events
-        refused += any(e["event"] == "busy" for e in events)
-        turns_logged += [e for e in events if e["event"] == "turn"]
-        reanchors += sum(
-            int(e.get("playout_reanchors", 0)) for e in events if e["event"] == "call_end"
-        )
+    turns_logged, refused, reanchors = _read_logs(logs)
     stages = stage_times(turns_logged)
     return {
         "calls": calls,

@@ -12,9 +12,15 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Final
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Final
 
 from ..config import ModelSettings
+
+if TYPE_CHECKING:
+    from ..engines.llm import LlmOptions
+    from ..engines.stt import SttOptions
+    from ..engines.tts import TtsOptions
 
 TTS_TEXTS: Final = (
     "Sure, I can help with that.",
@@ -38,87 +44,105 @@ def _measure(case: str, settings: ModelSettings) -> dict[str, Any]:
 
     stt_o, llm_o, tts_o = options(settings)
     out: dict[str, Any] = {"case": case}
-    start = time.perf_counter()
     if case.startswith("tts"):
-        from dataclasses import replace
-
-        from ..engines.tts import create
-
-        if case == "tts-piper":
-            tts_o = replace(tts_o, engine="piper", model="piper-joe-medium")
-        else:
-            tts_o = replace(tts_o, engine="kokoro", backend="onnx")
-        engine = create(tts_o, progress=False)
-        out["model"] = tts_o.model
-        out["load_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        list(engine.synthesize("Hello!"))
-        out["warm_up_s"] = time.perf_counter() - start
-        firsts, rtfs = [], []
-        for text in TTS_TEXTS:
-            t0 = time.perf_counter()
-            first = None
-            samples = 0
-            for chunk in engine.synthesize(text):
-                first = first if first is not None else time.perf_counter() - t0
-                samples += len(chunk)
-            total = time.perf_counter() - t0
-            firsts.append(first or total)
-            rtfs.append(total / (samples / engine.native_rate))
-        out["first_audio_s"] = firsts
-        out["real_time_factor"] = statistics.median(rtfs)
+        _measure_tts(case, tts_o, out)
     elif case == "stt":
-        from ..audio import float_to_pcm, resample
-        from ..engines.stt import WhisperStt
-        from ..engines.tts import PiperTts, TtsOptions
-
-        whisper = WhisperStt(stt_o, progress=False)
-        out["model"] = stt_o.model
-        out["load_s"] = time.perf_counter() - start
-        # Speech to transcribe, from the other TTS engine (8 kHz, as on the phone).
-        voice = PiperTts(TtsOptions(engine="piper", model="piper-joe-medium"), progress=False)
-        clips = []
-        for text in TTS_TEXTS:
-            audio = list(voice.synthesize(text))
-            import numpy as np
-
-            clips.append(float_to_pcm(resample(np.concatenate(audio), voice.native_rate, 8000)))
-        start = time.perf_counter()
-        whisper.transcribe(clips[0], 8000)
-        out["warm_up_s"] = time.perf_counter() - start
-        seconds, rtfs = [], []
-        for pcm in clips:
-            t = whisper.transcribe(pcm, 8000)
-            seconds.append(t.seconds)
-            rtfs.append(t.seconds / t.audio_seconds)
-        out["transcribe_s"] = seconds
-        out["real_time_factor"] = statistics.median(rtfs)
+        _measure_stt(stt_o, out)
     elif case == "llm":
-        from ..conversation.dialogue import Dialogue
-        from ..engines.base import Usage
-        from ..engines.llm import LlamaLlm
-
-        llm = LlamaLlm(llm_o, progress=False)
-        out["model"] = llm_o.model
-        out["load_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.warm_up()
-        out["warm_up_s"] = time.perf_counter() - start
-        conv = Dialogue(llm, max_tokens=llm_o.max_tokens)
-        firsts, rates = [], []
-        for question in LLM_QUESTIONS:
-            usage = Usage()
-            "".join(conv.reply(question, usage=usage))
-            firsts.append(usage.first_token_s or usage.total_s)
-            decode = usage.total_s - (usage.first_token_s or 0)
-            if usage.completion_tokens > 1 and decode > 0:
-                rates.append((usage.completion_tokens - 1) / decode)
-        out["first_token_s"] = firsts
-        out["tokens_per_s"] = statistics.median(rates) if rates else None
+        _measure_llm(llm_o, out)
     else:
         raise ValueError(f"unknown case {case!r} (cases: {', '.join(CASES)})")
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _measure_tts(case: str, tts_o: TtsOptions, out: dict[str, Any]) -> None:
+    from ..engines.tts import create
+
+    if case == "tts-piper":
+        tts_o = replace(tts_o, engine="piper", model="piper-joe-medium")
+    else:
+        tts_o = replace(tts_o, engine="kokoro", backend="onnx")
+    start = time.perf_counter()
+    engine = create(tts_o, progress=False)
+    out["model"] = tts_o.model
+    out["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    list(engine.synthesize("Hello!"))
+    out["warm_up_s"] = time.perf_counter() - start
+    firsts, rtfs = [], []
+    for text in TTS_TEXTS:
+        t0 = time.perf_counter()
+        first = None
+        samples = 0
+        for chunk in engine.synthesize(text):
+            first = first if first is not None else time.perf_counter() - t0
+            samples += len(chunk)
+        total = time.perf_counter() - t0
+        firsts.append(first or total)
+        rtfs.append(total / (samples / engine.native_rate))
+    out["first_audio_s"] = firsts
+    out["real_time_factor"] = statistics.median(rtfs)
+
+
+def _phone_clips() -> list[bytes]:
+    """Speech to transcribe, from the other TTS engine (8 kHz, as on the phone)."""
+    import numpy as np
+
+    from ..audio import float_to_pcm, resample
+    from ..engines.tts import PiperTts, TtsOptions
+
+    voice = PiperTts(TtsOptions(engine="piper", model="piper-joe-medium"), progress=False)
+    clips = []
+    for text in TTS_TEXTS:
+        audio = np.concatenate(list(voice.synthesize(text)))
+        clips.append(float_to_pcm(resample(audio, voice.native_rate, 8000)))
+    return clips
+
+
+def _measure_stt(stt_o: SttOptions, out: dict[str, Any]) -> None:
+    from ..engines.stt import WhisperStt
+
+    start = time.perf_counter()
+    whisper = WhisperStt(stt_o, progress=False)
+    out["model"] = stt_o.model
+    out["load_s"] = time.perf_counter() - start
+    clips = _phone_clips()
+    start = time.perf_counter()
+    whisper.transcribe(clips[0], 8000)
+    out["warm_up_s"] = time.perf_counter() - start
+    seconds, rtfs = [], []
+    for pcm in clips:
+        t = whisper.transcribe(pcm, 8000)
+        seconds.append(t.seconds)
+        rtfs.append(t.seconds / t.audio_seconds)
+    out["transcribe_s"] = seconds
+    out["real_time_factor"] = statistics.median(rtfs)
+
+
+def _measure_llm(llm_o: LlmOptions, out: dict[str, Any]) -> None:
+    from ..conversation.dialogue import Dialogue
+    from ..engines.base import Usage
+    from ..engines.llm import LlamaLlm
+
+    start = time.perf_counter()
+    llm = LlamaLlm(llm_o, progress=False)
+    out["model"] = llm_o.model
+    out["load_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    llm.warm_up()
+    out["warm_up_s"] = time.perf_counter() - start
+    conv = Dialogue(llm, max_tokens=llm_o.max_tokens)
+    firsts, rates = [], []
+    for question in LLM_QUESTIONS:
+        usage = Usage()
+        "".join(conv.reply(question, usage=usage))
+        firsts.append(usage.first_token_s or usage.total_s)
+        decode = usage.total_s - (usage.first_token_s or 0)
+        if usage.completion_tokens > 1 and decode > 0:
+            rates.append((usage.completion_tokens - 1) / decode)
+    out["first_token_s"] = firsts
+    out["tokens_per_s"] = statistics.median(rates) if rates else None
 
 
 def run_all(

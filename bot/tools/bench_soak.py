@@ -127,6 +127,20 @@ def run(
                 f"tasks {s['tasks']}, threads {s['threads']}, in progress "
                 f"{s['calls_in_progress']}"
             )
+    return {
+        "profile": profile,
+        "calls": calls,
+        "warm_up_calls": warm,
+        "concurrency": concurrency,
+        **_verdict(samples, logs),
+        "caller_errors": sum(r.ended_by.startswith("error") for r in reports),
+        "wall_s": round(time.monotonic() - start, 1),
+        "logs": str(logs),
+    }
+
+
+def _verdict(samples: list[dict[str, Any]], logs: Path) -> dict[str, Any]:
+    """What grew after the warm-up, how the calls ended, and whether the server stayed flat."""
     ends: collections.Counter[str] = collections.Counter()
     unclosed = refused = 0
     for folder in list_calls(logs):
@@ -139,7 +153,6 @@ def run(
     base, middle, last = samples[0], samples[len(samples) // 2], samples[-1]
     growth = {k: round(last[k] - base[k], 1) for k in ("rss_mb", "fds", "tasks", "threads")}
     second_half_rss = round(last["rss_mb"] - middle["rss_mb"], 1)
-    peak_rss = max(s["rss_mb"] for s in samples)
     flat = (
         growth["fds"] <= 0
         and growth["tasks"] <= 0
@@ -150,21 +163,14 @@ def run(
         and refused == 0
     )
     return {
-        "profile": profile,
-        "calls": calls,
-        "warm_up_calls": warm,
-        "concurrency": concurrency,
         "samples": samples,
         "growth_after_warm_up": growth,
         "rss_growth_second_half_mb": second_half_rss,
-        "peak_rss_mb": peak_rss,
+        "peak_rss_mb": max(s["rss_mb"] for s in samples),
         "end_reasons": dict(ends),
         "unclosed_logs": unclosed,
         "refused_busy": refused,
-        "caller_errors": sum(r.ended_by.startswith("error") for r in reports),
         "flat": flat,
-        "wall_s": round(time.monotonic() - start, 1),
-        "logs": str(logs),
     }
 
 
