@@ -22,6 +22,18 @@ from bot.audio import float_to_pcm, pcm_to_float
 from bot.config import AssistantProfile
 from bot.conversation.dialogue import Dialogue
 from bot.engines import Activity, DeadlineLock, ModelUnavailable
+from bot.engines.kokoro_stream import (
+    BUCKET_FRAMES,
+    CONTEXT_FRAMES,
+    FIRST_WINDOW_FRAMES,
+    GEN_FEATURES,
+    GEN_SOURCE,
+    GEN_STYLE,
+    KOKORO_HOP,
+    KOKORO_RATE,
+    PAD_MARGIN_FRAMES,
+    KokoroStreamer,
+)
 from bot.engines.llama_api import built_with, built_with_amx, load_params
 from bot.engines.llm import (
     LlamaLlm,
@@ -34,21 +46,11 @@ from bot.engines.models import CATALOG, materialize
 from bot.engines.stack import openmp_beside_pytorch
 from bot.engines.stt import SttOptions, WhisperStt
 from bot.engines.tts import (
-    _GEN_FEATURES,
-    _GEN_SOURCE,
-    _GEN_STYLE,
-    BUCKET_FRAMES,
-    CONTEXT_FRAMES,
-    FIRST_WINDOW_FRAMES,
-    KOKORO_HOP,
-    KOKORO_RATE,
-    PAD_MARGIN_FRAMES,
     KokoroG2P,
     KokoroOnnx,
     KokoroTorch,
     PiperTts,
     TtsOptions,
-    _KokoroStreamer,
     sentences,
     speak,
 )
@@ -220,7 +222,7 @@ def test_torch_vocoder_sounds_like_onnxruntimes(g2p: KokoroG2P) -> None:
     features, source, _ = a.front.run(None, feeds)
     style = np.ascontiguousarray(feeds["style"][:, :128])
     (reference,) = a.generator.run(
-        None, {_GEN_FEATURES: features, _GEN_SOURCE: source, _GEN_STYLE: style}
+        None, {GEN_FEATURES: features, GEN_SOURCE: source, GEN_STYLE: style}
     )[:1]
     reference = np.asarray(reference, dtype=np.float32).reshape(-1)
     ported = b.vocoder.run(features, source, style)
@@ -240,22 +242,22 @@ def test_vocoder_choice(
 ) -> None:
     import onnx
 
-    from bot.engines import tts
+    from bot.engines import kokoro_stream
 
     model = onnx.load(str(kokoro.resolved.path))
-    assert _KokoroStreamer._torch_vocoder(model, "onnx", 2, activity) is None
-    monkeypatch.setattr(tts, "cpu_has_bf16", lambda: False)
-    assert _KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is None  # no bfloat16 units
-    assert _KokoroStreamer._torch_vocoder(model, "torch", 2, activity) is not None  # asked for
-    monkeypatch.setattr(tts, "cpu_has_bf16", lambda: True)
-    assert _KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is not None
+    assert KokoroStreamer._torch_vocoder(model, "onnx", 2, activity) is None
+    monkeypatch.setattr(kokoro_stream, "cpu_has_bf16", lambda: False)
+    assert KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is None  # no bfloat16 units
+    assert KokoroStreamer._torch_vocoder(model, "torch", 2, activity) is not None  # asked for
+    monkeypatch.setattr(kokoro_stream, "cpu_has_bf16", lambda: True)
+    assert KokoroStreamer._torch_vocoder(model, "auto", 2, activity) is not None
 
 
 def test_kokoro_window_plan_covers_the_speech_once() -> None:
     # 2 frames per duration unit; pads of 14 and 8 units (28 and 16 frames) around the words.
     durations = np.array([14, 3, 5, 20, 30, 40, 8], dtype=np.float32)
     frames = int(2 * durations.sum())
-    windows = _KokoroStreamer.windows(frames, durations)
+    windows = KokoroStreamer.windows(frames, durations)
     start, end = 28 - PAD_MARGIN_FRAMES, frames - 16 + PAD_MARGIN_FRAMES
     assert windows[0] == (start, start + PAD_MARGIN_FRAMES + FIRST_WINDOW_FRAMES)
     assert windows[-1][1] == end
@@ -263,18 +265,16 @@ def test_kokoro_window_plan_covers_the_speech_once() -> None:
     sizes = [b - a for a, b in windows]
     assert all(later >= earlier for earlier, later in zip(sizes, sizes[1:-1], strict=False))
     # A clause shorter than one window is one window.
-    assert _KokoroStreamer.windows(40, np.array([5, 5, 10], dtype=np.float32)) == [(2, 28)]
+    assert KokoroStreamer.windows(40, np.array([5, 5, 10], dtype=np.float32)) == [(2, 28)]
     # For PyTorch's vocoder the first window is 64 frames with its context, the next ones the
     # longest prepared bucket (256), and a last one only needs its left context.
     long = np.array([14, *[10] * 40, 8], dtype=np.float32)
-    bucketed = _KokoroStreamer.windows(int(2 * long.sum()), long, bucketed=True)
+    bucketed = KokoroStreamer.windows(int(2 * long.sum()), long, bucketed=True)
     sizes = [b - a for a, b in bucketed]
     assert [s + 2 * CONTEXT_FRAMES for s in sizes[:3]] == [BUCKET_FRAMES, 256, 256]
     assert sum(sizes) == bucketed[-1][1] - bucketed[0][0] and 0 < sizes[-1] <= 240
     clause = np.array([14, *[10] * 9, 8], dtype=np.float32)  # ~1.1 s: two windows
-    sizes = [
-        b - a for a, b in _KokoroStreamer.windows(int(2 * clause.sum()), clause, bucketed=True)
-    ]
+    sizes = [b - a for a, b in KokoroStreamer.windows(int(2 * clause.sum()), clause, bucketed=True)]
     assert len(sizes) == 2 and sizes[0] + 2 * CONTEXT_FRAMES == BUCKET_FRAMES
 
 
@@ -290,7 +290,7 @@ def test_kokoro_graph_without_the_cut_tensors_synthesizes_in_one_piece(tmp_path:
     )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert _KokoroStreamer.split(path, vocoder="onnx", threads=2, activity=Activity()) is None
+    assert KokoroStreamer.split(path, vocoder="onnx", threads=2, activity=Activity()) is None
 
 
 def test_piper_speaks_words_that_come_back(whisper: WhisperStt) -> None:
