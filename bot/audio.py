@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 import wave
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -342,13 +341,13 @@ class Clock(Protocol):
 
 
 class MonotonicClock:
-    """The event loop's monotonic clock."""
+    """The event loop's monotonic clock (``bot.clock``)."""
 
     def now(self) -> float:
-        return time.monotonic()
+        return asyncio.get_running_loop().time()
 
     async def sleep_until(self, deadline: float) -> None:
-        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        await asyncio.sleep(max(0.0, deadline - self.now()))
 
 
 @dataclass(slots=True)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
+from . import clock
 from .asterisk import audiosocket as proto
 from .asterisk.directory import Directory, Route
 from .asterisk.server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
@@ -163,7 +163,7 @@ class Call:
         return (await self.next_audio_timed())[1]
 
     async def next_audio_timed(self) -> tuple[float, proto.Audio]:
-        """The next 20 ms of caller audio with its arrival time (``time.monotonic()``). Once
+        """The next 20 ms of caller audio with its arrival time (``clock.now()``). Once
         the caller's frames have started, a gap longer than QUIET_FILL is filled with silence,
         stamped 20 ms apart, until frames come again."""
         while not self._inbound:
@@ -173,7 +173,7 @@ class Call:
                 continue
             due = self._last_in + (FRAME_SECONDS if self._filling else QUIET_FILL)
             try:
-                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                async with asyncio.timeout(max(0.0, due - clock.now())):
                     await self._inbound_ready.wait()
             except TimeoutError:
                 self._last_in, self._filling = due, True
@@ -320,7 +320,7 @@ class Call:
                     self._log_format(event)
                 if len(self._inbound) == self._inbound.maxlen:
                     self.inbound_dropped += 1
-                self._inbound.append((time.monotonic(), event))
+                self._inbound.append((clock.now(), event))
                 self._inbound_ready.set()
             else:
                 self.dtmf.append(event.digit)

@@ -1,5 +1,11 @@
-"""The conversation loop with engine doubles at the engine boundary, through the real server and
-the caller simulator: speculative STT, streaming reply, gate, barge-in, greeting, hang-ups."""
+"""The conversation with engine doubles at the engine boundary, through the real server and
+the caller simulator: speculative STT, streaming reply, gate, barge-in, holds, greeting,
+transfers, hang-ups.
+
+Calls run on virtual time (tests/virtual.py: one clock for the simulator, the call, the turn
+detector, the reply and the playout; a memory line; the doubles inline), so their timing is
+exact and a call takes milliseconds. The few that need engine threads (an engine waiting on
+another, a worker stopped by a hang-up) run in real time over TCP (``setup(threads=True)``)."""
 
 from __future__ import annotations
 
@@ -10,8 +16,8 @@ import itertools
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bot import clock
 from bot.app import handler
 from bot.asterisk import audiosocket as proto
 from bot.asterisk.directory import Directory, TransferFailed
-from bot.audio import is_silent
+from bot.asterisk.server import AudioSocketServer, Handler
+from bot.audio import FRAME_MS, is_silent
 from bot.calllog import list_calls, read_call
 from bot.config import AssistantProfile, Settings
 from bot.conversation.assets import Assets
@@ -35,6 +43,7 @@ from bot.engines import EngineError
 from bot.engines.stack import load_llm
 from bot.tools.simulator import CallerSimulator, DtmfAt
 
+from . import virtual
 from .conftest import make_settings, running_server, wait_until
 from .fakes import FakeEngines, FakeLlm, FakeTts, ScriptedVad
 
@@ -50,7 +59,12 @@ def pause(seconds: float) -> bytes:
     return QUIET * round(seconds / 0.02)
 
 
-def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, Assets]:
+def setup(
+    calls_dir: Path, *, threads: bool = False, **env: str
+) -> tuple[Settings, FakeEngines, Assets]:
+    """The assistant profile on engine doubles. Its calls run on virtual time with the doubles
+    inline (tests/virtual.py), or, with ``threads``, in real time with the doubles in worker
+    threads as the engines run: for what only threads show (an engine waiting on another)."""
     defaults = {
         "VOICEBOT_SERVER_PROFILE": "assistant",
         "VOICEBOT_PROFILES_ASSISTANT_GREETING": "",
@@ -59,7 +73,14 @@ def setup(calls_dir: Path, **env: str) -> tuple[Settings, FakeEngines, Assets]:
     }
     settings = make_settings(calls_dir, **{**defaults, **env})
     engines = FakeEngines()
-    assets = Assets(settings, engines, ThreadPoolExecutor(8), vad=ScriptedVad)
+    executor: Executor = ThreadPoolExecutor(8)
+    if not threads:
+        executor = inline = virtual.InlineExecutor()
+        engines.stt.spend = engines.tts.spend = inline.spend
+        engines.stt.wait = engines.llm.wait = engines.tts.wait = inline.spend_until
+        # Inline, a paused LLM would pause the loop: the pause needs threads (see FakeLlm).
+        engines.llm.contended = True
+    assets = Assets(settings, engines, executor, vad=ScriptedVad)
     return settings, engines, assets
 
 
@@ -68,15 +89,46 @@ def call_events(calls_dir: Path) -> list[dict[str, Any]]:
     return read_call(folder).events
 
 
-def run_call(settings: Settings, assets: Assets, turns: list[bytes], **kw: Any) -> CallerSimulator:
+def run_call(
+    settings: Settings,
+    assets: Assets,
+    turns: list[bytes],
+    *,
+    directory: Directory | None = None,
+    **kw: Any,
+) -> CallerSimulator:
+    """One call from the caller simulator: on virtual time over a memory line, or (engine
+    doubles in threads) in real time over TCP."""
+    handle = handler(settings, assets, directory=directory)
+    if isinstance(assets.executor, virtual.InlineExecutor):
+        return virtual.run(lambda: _call_in_memory(handle, turns, **kw))
+
     async def main() -> CallerSimulator:
-        async with running_server(settings, handler(settings, assets)) as server:
+        async with running_server(settings, handle) as server:
             sim = CallerSimulator("127.0.0.1", server.address[1], turns, **kw)
             await sim.run()
             await wait_until(lambda: not server.sessions)
             return sim
 
     return asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def in_memory(handle: Handler) -> AsyncIterator[tuple[AudioSocketServer, virtual.Connect]]:
+    """A server without a socket, and how to dial it (a memory line each time)."""
+    server = AudioSocketServer(handle)
+    try:
+        yield server, virtual.dial(server.on_connect)
+        await wait_until(lambda: not server.sessions)
+    finally:
+        await server.close(grace=2.0)
+
+
+async def _call_in_memory(handle: Handler, turns: list[bytes], **kw: Any) -> CallerSimulator:
+    async with in_memory(handle) as (_server, connect):
+        sim = CallerSimulator("", 0, turns, connect=connect, **kw)
+        await sim.run()
+    return sim
 
 
 # --- pieces -------------------------------------------------------------------------------------
@@ -161,8 +213,11 @@ def test_a_turn_is_transcribed_speculatively_answered_and_logged_with_every_mark
     sim = run_call(settings, assets, [pause(0.1) + speech(0.8)], greeting_wait=0, quiet=0.5)
     [result] = sim.report.turns
     assert result.response_latency_ms is not None and result.talk_over_frames == 0
-    # hangover (650 ms) and a few frames of lead: the doubles themselves take no time
-    assert 300 <= result.response_latency_ms <= 900
+    # On virtual time, exactly: the reply (under way since the pause) is heard at the endpoint,
+    # the hangover after the last word, within two frames (the one that completes the
+    # hangover, the playout's next tick): the doubles take no time.
+    hangover = settings.turns.hangover_ms
+    assert hangover <= result.response_latency_ms <= hangover + 2 * FRAME_MS
     events = call_events(calls_dir)
     [turn] = [e for e in events if e["event"] == "turn"]
     assert turn["stt_speculative"] is True and len(engines.stt.calls) == 1
@@ -216,7 +271,7 @@ def test_a_later_clause_is_due_when_the_audio_before_it_runs_out(calls_dir: Path
 def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause(
     calls_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings, engines, assets = setup(calls_dir)
+    settings, engines, assets = setup(calls_dir, threads=True)
     heard = engines.tts.streaming = threading.Event()
     first_heard = Assistant._bot_heard
 
@@ -239,7 +294,7 @@ def test_the_first_audio_goes_out_while_the_tts_is_still_synthesizing_the_clause
 def test_the_llm_decodes_nothing_while_the_first_clause_is_synthesized(calls_dir: Path) -> None:
     """The worker pauses itself once its pieces complete the first clause: it does not decode
     one more token alongside the TTS (told by the event loop, it did)."""
-    settings, engines, assets = setup(calls_dir)
+    settings, engines, assets = setup(calls_dir, threads=True)
     past_first = threading.Event()  # the LLM was asked for a token after the first clause
 
     class WatchedLlm(FakeLlm):
@@ -344,9 +399,10 @@ def test_a_caller_who_breathes_after_question_like_words_is_not_answered_into(
     sim = run_call(settings, assets, [speech(0.8)], greeting_wait=0, quiet=0.8)
     [result] = sim.report.turns
     assert result.response_latency_ms is not None
-    assert 600 <= result.response_latency_ms <= 900  # (the floor, then a few frames of lead)
+    floor = settings.turns.min_response_ms
+    assert floor <= result.response_latency_ms <= floor + 2 * FRAME_MS
     [answered] = [e for e in call_events(calls_dir / "2") if e["event"] == "turn"]
-    assert answered["marks_ms"]["endpoint"] < 400
+    assert answered["marks_ms"]["endpoint"] <= settings.turns.hangover_complete_ms
 
 
 def test_a_click_too_short_to_be_a_turn_does_not_lose_the_answer_it_cut_off(
@@ -403,7 +459,7 @@ def test_a_clause_ready_as_the_caller_starts_talking_in_a_pause_waits_and_is_dro
     as the caller's first voiced frame arrives, is not played over it (without the hold it
     was, and the caller's turn, gated out, was never answered)."""
     settings, engines, assets = setup(calls_dir)
-    heard = threading.Event()  # the server saw the caller's first frame of the second turn
+    heard = asyncio.Event()  # the server saw the caller's first frame of the second turn
     marked = VOICED[:1] + b"\x02" + VOICED[2:]
 
     class MarkingVad(ScriptedVad):
@@ -430,7 +486,7 @@ def test_a_flickering_noise_holds_the_next_clause_only_briefly(calls_dir: Path) 
     """Noise that the VAD calls voiced every other frame never becomes a turn: the clause it
     holds goes out after FLOOR_HOLD_S, and the whole answer is heard."""
     settings, engines, assets = setup(calls_dir)
-    noisy = threading.Event()  # the noise has reached the server
+    noisy = asyncio.Event()  # the noise has reached the server
 
     class NoticingVad(ScriptedVad):
         def is_speech(self, pcm: bytes, rate: int) -> bool:
@@ -459,7 +515,7 @@ def test_a_flickering_noise_holds_the_next_clause_only_briefly(calls_dir: Path) 
     noise = sim.report.turns[0].speech_start + 0.6 + 1.5
     assert any(t < noise for t in sim.voiced_rx_times)
     resumed = min(t for t in sim.voiced_rx_times if t > noise)
-    assert noise + FLOOR_HOLD_S - 0.1 <= resumed <= noise + FLOOR_HOLD_S + 0.5
+    assert noise + FLOOR_HOLD_S <= resumed <= noise + FLOOR_HOLD_S + 3 * FRAME_MS / 1000
 
 
 def test_barge_in_stops_the_bot_and_keeps_the_callers_words(calls_dir: Path) -> None:
@@ -504,21 +560,22 @@ def test_greeting_plays_at_once_to_a_phone_that_sends_nothing(calls_dir: Path) -
     assets.prepare()
 
     async def main() -> float:
-        async with running_server(settings, handler(settings, assets)) as server:
-            reader, writer = await asyncio.open_connection(*server.address)
+        async with in_memory(handler(settings, assets)) as (_server, connect):
+            reader, writer = await connect()
             sim = proto.Connection(proto.Role.CLIENT)
-            started = time.monotonic()
+            started = clock.now()
             writer.write(sim.send(proto.Uuid(uuid_mod.uuid4())))  # and never a frame of audio
             try:
                 while True:
                     sim.receive_data(await asyncio.wait_for(reader.read(65536), 2))
                     for event in sim.events():
                         if isinstance(event, proto.Audio) and not is_silent(event.pcm):
-                            return time.monotonic() - started
+                            return clock.now() - started
             finally:
                 writer.close()
 
-    assert asyncio.run(main()) < 0.3
+    # The greeting's first sound: after RATE_WAIT (0.1 s) and the playout's lead.
+    assert virtual.run(main) < 0.3
     events = call_events(calls_dir)
     assert [e["event"] for e in events][1] == "greeting"  # before any audio_format
 
@@ -530,12 +587,12 @@ def test_a_phone_that_stops_sending_after_its_words_is_still_answered(calls_dir:
     assets.prepare()
 
     async def main() -> bool:
-        async with running_server(settings, handler(settings, assets)) as server:
-            reader, writer = await asyncio.open_connection(*server.address)
+        async with in_memory(handler(settings, assets)) as (_server, connect):
+            reader, writer = await connect()
             sim = proto.Connection(proto.Role.CLIENT)
             writer.write(sim.send(proto.Uuid(uuid_mod.uuid4())))
             words = speech(0.8)
-            for i in range(0, len(words), 320):  # 20 ms frames in real time, then nothing
+            for i in range(0, len(words), 320):  # 20 ms frames, then nothing
                 writer.write(sim.send(proto.Audio(8000, words[i : i + 320])))
                 await asyncio.sleep(0.02)
             try:
@@ -548,7 +605,7 @@ def test_a_phone_that_stops_sending_after_its_words_is_still_answered(calls_dir:
             finally:
                 writer.close()
 
-    assert asyncio.run(main())
+    assert virtual.run(main)
     events = call_events(calls_dir)
     [turn] = [e for e in events if e["event"] == "turn"]
     assert turn["reply"] == "Sure, here is the answer you wanted."
@@ -568,7 +625,7 @@ def test_a_phone_that_stops_sending_after_its_words_is_still_answered(calls_dir:
 def test_hang_up_in_any_state_ends_every_task_and_closes_the_log(
     calls_dir: Path, stage: str, state: str
 ) -> None:
-    settings, engines, assets = setup(calls_dir)
+    settings, engines, assets = setup(calls_dir, threads=True)
     release = threading.Event()
     if stage == "stt":
         engines.stt.hold = release
@@ -673,14 +730,7 @@ def transfer_call(
     if control is not None:
         directory.register(str(call_uuid), channel="PJSIP/16-1", control=control)
 
-    async def main() -> CallerSimulator:
-        async with running_server(settings, handler(settings, assets, directory=directory)) as srv:
-            sim = CallerSimulator("127.0.0.1", srv.address[1], turns, call_uuid=call_uuid, **kw)
-            await sim.run()
-            await wait_until(lambda: not srv.sessions)
-            return sim
-
-    return asyncio.run(main())
+    return run_call(settings, assets, turns, directory=directory, call_uuid=call_uuid, **kw)
 
 
 def test_dtmf_0_says_the_handover_then_asterisk_moves_the_call(calls_dir: Path) -> None:

@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from .. import clock
 from ..audio import ulaw_to_pcm
 from ..calllog import CallLogger
 from ..config import ServerSettings, default
@@ -108,7 +108,7 @@ class Session:
         # True once the first audio frame showed G.711 u-law under the slin kind (see ULAW_FIX):
         # the caller's frames are decoded on the way in.
         self.ulaw: bool | None = None
-        self._last_out = time.monotonic()
+        self._last_out = clock.now()
         self._closed = False
 
     @property
@@ -164,9 +164,9 @@ class Session:
 
     async def _fill(self) -> None:
         idle = self._timeouts.idle
-        last_in = time.monotonic()
+        last_in = clock.now()
         while True:
-            left = max(last_in, self._last_out) + idle - time.monotonic()
+            left = max(last_in, self._last_out) + idle - clock.now()
             if left <= 0:
                 self._end(f"no frame from Asterisk for {idle:g} s, none sent to it either")
                 return
@@ -188,7 +188,7 @@ class Session:
         rate = self.rate or 8000
         await self._write(self._conn.send(proto.Audio(rate, pcm)))
         self.frames_out += 1
-        self._last_out = time.monotonic()
+        self._last_out = clock.now()
 
     async def _write(self, data: bytes) -> None:
         if self._closed:
@@ -284,7 +284,7 @@ class AudioSocketServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._on_connect, self.host, self.port, reuse_address=True, limit=READ_SIZE
+            self.on_connect, self.host, self.port, reuse_address=True, limit=READ_SIZE
         )
         log.info("AudioSocket server listening on %s:%d", *self.address)
 
@@ -312,7 +312,8 @@ class AudioSocketServer:
         for task in list(self._tasks):
             task.cancel()
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A new connection (asyncio's server calls it; a test's in-memory line may too)."""
         task = asyncio.create_task(
             self._serve(reader, writer), name=f"audiosocket-{self.connections}"
         )

@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from typing import Final
 
+from .. import clock
 from ..asterisk.directory import TransferFailed
 from ..call import BotVoiceStarted, Call, CallState, Dtmf
 from ..config import AssistantProfile
@@ -215,7 +215,7 @@ class Assistant:
         heard = await loop.run_in_executor(
             self.assets.executor, stt.transcribe, audio, self.call.rate
         )
-        return heard, time.monotonic()
+        return heard, clock.now()
 
     def _speculate(self, paused: Paused, detector: TurnDetector) -> None:
         if self._speculation is not None:

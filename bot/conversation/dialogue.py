@@ -4,6 +4,7 @@ a small model that answers by repeating the caller."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -60,6 +61,9 @@ class Dialogue:
     max_tokens: int | None = None
     history: list[Message] = field(default_factory=list)
     reserve: int = 64  # tokens kept free for the chat template's own markers
+    # An exchange ``keep`` refused when its reply was complete (see ``keep_held``), with it.
+    _held: tuple[Callable[[], bool], str, str] | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def messages(self, user_text: str) -> list[Message]:
         msgs = [*self.history, {"role": "user", "content": user_text}]
@@ -79,15 +83,18 @@ class Dialogue:
     ) -> Iterator[str]:
         """Streams the reply. The turn joins the history when the stream ends, also when the
         caller of this generator stops early (a short answer, or barge-in): then the history
-        holds what was generated. ``keep``, asked at that moment, can say the exchange never
-        happened (a reply started ahead of the caller's last word, then dropped); a reply of
-        which nothing was generated leaves no trace either.
+        holds what was generated. ``keep``, asked at that moment, can say the exchange has not
+        happened yet (a reply started ahead of the caller's last word): it is held until
+        ``keep_held`` says it did, and forgotten if the next reply starts first (the caller
+        went on); a reply of which nothing was generated leaves no trace either.
 
         A reply that starts by repeating the caller's words (a small model copying its input,
         which it then keeps doing for the rest of the call once it is in the history) is
         never spoken: its first pieces are held until they say something else, and an echo is
         answered again, greedily, with a reminder after the caller's words."""
         said: list[str] = []
+        with self._lock:
+            self._held = None
         try:
             for attempt, temperature in enumerate((None, 0.0)):
                 text = user_text if attempt == 0 else f"{user_text}\n{ANSWER_REMINDER}"
@@ -112,15 +119,40 @@ class Dialogue:
                     return
         finally:
             reply = "".join(said).strip()
-            if reply and (keep is None or keep()):
-                self.history += [
-                    {"role": "user", "content": user_text},
-                    {"role": "assistant", "content": reply},
-                ]
-                # Keep the stored history bounded (the prompt is trimmed again at each turn).
-                if len(self.history) > 40:
-                    del self.history[:2]
+            with self._lock:
+                kept = bool(reply) and (keep is None or keep())
+                if kept:
+                    self._remember(user_text, reply)
+                elif reply and keep is not None:
+                    self._held = (keep, user_text, reply)
+            if kept:
                 self.llm.prepare(self.messages("")[:-1])
+
+    def keep_held(self, keep: Callable[[], bool]) -> bool:
+        """The exchange held for ``keep`` happened after all (its turn ended): into the
+        history; whether there was one. (The LLM is not asked to prepare for it here, on the
+        event loop's thread: see ``prepare_next``.)"""
+        with self._lock:
+            if self._held is None or self._held[0] != keep:
+                return False
+            _, user_text, reply = self._held
+            self._held = None
+            self._remember(user_text, reply)
+            return True
+
+    def prepare_next(self) -> None:
+        """Has the LLM evaluate what the next turn's prompt starts with (blocking; a hint)."""
+        with contextlib.suppress(EngineFailed):
+            self.llm.prepare(self.messages("")[:-1])
+
+    def _remember(self, user_text: str, reply: str) -> None:
+        self.history += [
+            {"role": "user", "content": user_text},
+            {"role": "assistant", "content": reply},
+        ]
+        # Keep the stored history bounded (the prompt is trimmed again at each turn).
+        if len(self.history) > 40:
+            del self.history[:2]
 
     def close(self) -> None:
         """The call is over: its sequence in the LLM may be taken first (see ``forget``)."""

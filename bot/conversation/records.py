@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Final
+
+from .. import clock
 
 # The marks of a turn, in the order they normally happen (ms after ``speech_end`` in the log).
 MARKS: Final = (
@@ -45,7 +46,7 @@ class Turn:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str, t: float | None = None) -> None:
-        self.marks.setdefault(name, time.monotonic() if t is None else t)
+        self.marks.setdefault(name, clock.now() if t is None else t)
 
     def relative_clauses(self) -> list[list[int]]:
         """Per clause: [words, text complete, first audio (ms after speech_end), silence before

@@ -28,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from .. import clock
 from ..call import Call, CallState
 from ..config import AssistantProfile
 from ..engines.base import Usage
@@ -90,6 +90,7 @@ class Reply:
         self._llm_may_run = threading.Event()
         self._llm_may_run.set()
         self._runs_out = 0.0  # when the audio made so far will have played (about)
+        self._held_kept = False
 
     @property
     def text(self) -> str:
@@ -111,6 +112,9 @@ class Reply:
                     await self._play()
             await call.drain()
             call.state = CallState.LISTENING
+            if self._held_kept:  # what its reply would have had the LLM prepare
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.assets.executor, self.dialogue.prepare_next)
         finally:
             self._llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = turn.reply or self.text
@@ -159,7 +163,7 @@ class Reply:
             turn.mark("first_clause")
             if turn.ended.is_set():
                 self.call.state = CallState.SYNTHESIZING
-        await self._clauses.put((clause, time.monotonic()))
+        await self._clauses.put((clause, clock.now()))
 
     # --- the TTS -----------------------------------------------------------------------------
 
@@ -187,7 +191,7 @@ class Reply:
         timing = ClauseTiming(len(clause.split()), ready)
         turn.clauses.append(timing)
         if first:
-            due = turn.marks.get("speech_end", time.monotonic()) + FIRST_AUDIO_DUE_S
+            due = turn.marks.get("speech_end", clock.now()) + FIRST_AUDIO_DUE_S
         else:
             due = self._runs_out - LATER_AUDIO_LEAD_S
         audio = iterate_in_thread(self.assets.executor, self._speaker(clause, rate, due))
@@ -196,7 +200,7 @@ class Reply:
                 if pcm := trimmer.feed(chunk):
                     turn.mark("tts_first_audio")
                     if timing.first_audio is None:
-                        timing.first_audio = time.monotonic()
+                        timing.first_audio = clock.now()
                         if self._runs_out:
                             timing.silence = max(0.0, timing.first_audio - self._runs_out)
                     await self._queue_audio(pcm)
@@ -209,7 +213,7 @@ class Reply:
         return lambda: speak(tts, said, rate, voice, due=due)
 
     async def _queue_audio(self, pcm: bytes) -> None:
-        self._runs_out = max(self._runs_out, time.monotonic()) + len(pcm) / 2 / self.call.rate
+        self._runs_out = max(self._runs_out, clock.now()) + len(pcm) / 2 / self.call.rate
         await self._audio.put(pcm)
 
     # --- the call ----------------------------------------------------------------------------
@@ -217,13 +221,15 @@ class Reply:
     async def _play(self) -> None:
         turn, call = self.turn, self.call
         await turn.ended.wait()  # a reply ahead of the endpoint waits for it
+        # A reply complete before the endpoint joins the history now.
+        self._held_kept = self.dialogue.keep_held(turn.ended.is_set)
         # A question ends its turn after a short hangover, so the answer is under way sooner; it
         # is heard no sooner than min_response_ms after the caller's last word all the same: a
         # caller who only took a breath after question-like words ("Could you recommend a good
         # book, ... please?") is heard going on first (the clause is held, then SpeechStarted
         # folds both parts into one turn).
         earliest = turn.marks["speech_end"] + self.assets.settings.turns.min_response_ms / 1000
-        if (wait := earliest - time.monotonic()) > 0:
+        if (wait := earliest - clock.now()) > 0:
             await asyncio.sleep(wait)
         while (pcm := await self._audio.get()) is not None:
             await self._caller_done()
@@ -234,7 +240,7 @@ class Reply:
         """Nothing of ours is playing and the caller's voice began: wait until it stops, or
         becomes a turn (SpeechStarted cancels this reply); a line whose noise keeps the VAD
         flickering holds a clause no longer than FLOOR_HOLD_S."""
-        if not self.caller_quiet.is_set() and not self.call.gated(time.monotonic()):
+        if not self.caller_quiet.is_set() and not self.call.gated(clock.now()):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(FLOOR_HOLD_S):
                     await self.caller_quiet.wait()

@@ -21,7 +21,6 @@ import bisect
 import contextlib
 import socket
 import statistics
-import time
 import uuid as uuid_mod
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from .. import clock
 from ..asterisk import audiosocket as proto
 from ..audio import FRAME_SECONDS, frame_bytes, is_silent, silence
 
@@ -121,6 +121,13 @@ def max_in_window(times: list[float], window: float) -> int:
     return best
 
 
+# A wait shorter than this is over: the clock's own rounding (a wait of 1e-13 s cannot pass on a
+# clock that does not move by itself, as a test's virtual one).
+QUIET_EPSILON: Final = 1e-6
+# Opens the line to the bot: a reader and a writer, as asyncio.open_connection returns them.
+Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
 class CallerSimulator:
     """One simulated call. Create, then ``await run()`` for a :class:`CallReport`."""
 
@@ -141,6 +148,7 @@ class CallerSimulator:
         skip_rx_stats_first: float = 0.5,
         background: bytes = b"",
         again: Callable[[TurnResult], Awaitable[bytes | None]] | None = None,
+        connect: Connect | None = None,
     ) -> None:
         if rate not in (8000, 16000):
             raise ValueError(f"Asterisk sends slin at 8000 or slin16 at 16000 Hz, not {rate}")
@@ -161,6 +169,8 @@ class CallerSimulator:
         self._background_at = 0
         # Asked after each turn's reply: what to say again before the next turn (None: nothing).
         self.again = again
+        # How the line to the bot is opened (default: TCP to host:port).
+        self.connect = connect or (lambda: asyncio.open_connection(self.host, self.port))
         self.report = CallReport(uuid=str(self.uuid), rate=rate)
         self.received = bytearray()  # everything the bot sent, frames concatenated
         self.rx_times: list[float] = []  # arrival of every audio frame, seconds since start
@@ -178,15 +188,15 @@ class CallerSimulator:
         self._writer: asyncio.StreamWriter | None = None
 
     def now(self) -> float:
-        return time.monotonic() - self._t0
+        return clock.now() - self._t0
 
     async def run(self) -> CallReport:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await self.connect()
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._writer = writer
-        self._t0 = time.monotonic()
+        self._t0 = clock.now()
         writer.write(self._conn.send(proto.Uuid(self.uuid)))
         report = self.report
         try:
@@ -232,7 +242,7 @@ class CallerSimulator:
         size = frame_bytes(self.rate)
         quiet = silence(self.rate)
         dtmf = list(self.dtmf)
-        due = time.monotonic()
+        due = clock.now()
         while True:
             now = self.now()
             while dtmf and dtmf[0].at <= now:
@@ -258,7 +268,7 @@ class CallerSimulator:
             self.report.frames_sent += 1
             await writer.drain()
             due += FRAME_SECONDS
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await asyncio.sleep(max(0.0, due - clock.now()))
 
     def _with_background(self, frame: bytes) -> bytes:
         n = len(frame) // 2
@@ -370,7 +380,7 @@ class CallerSimulator:
         while True:
             last = self._last_voiced_rx or start
             wait = last + self.quiet - self.now()
-            if wait <= 0:
+            if wait <= QUIET_EPSILON:
                 return start
             self._voiced_rx.clear()
             with contextlib.suppress(TimeoutError):
