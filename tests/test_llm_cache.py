@@ -208,3 +208,30 @@ def test_a_reply_with_nothing_said_leaves_no_trace() -> None:
     conv = Dialogue(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
     assert "".join(conv.reply("Hello there, anyone?")) == ""
     assert conv.history == []
+
+
+def test_a_reply_complete_before_its_turn_ended_joins_the_history_once_it_does() -> None:
+    """A reply started ahead of the caller's endpoint may be generated whole before it: it is
+    held, and joins the history when its turn ends; the next reply drops a held one (the
+    caller went on, and that answer was never heard)."""
+    llm = Scripted(["Yes", "."], ["No", "."], ["Maybe", "."])
+    conv = Dialogue(llm, system_prompt=SYSTEM)  # type: ignore[arg-type]
+    ended = threading.Event()
+    assert "".join(conv.reply("Open today?", keep=ended.is_set)) == "Yes."
+    assert conv.history == []  # not yet: the caller may go on
+    ended.set()
+    assert conv.keep_held(ended.is_set) and not conv.keep_held(ended.is_set)
+    assert conv.history[-2:] == [
+        {"role": "user", "content": "Open today?"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    dropped = threading.Event()
+    assert "".join(conv.reply("Open on Sunday?", keep=dropped.is_set)) == "No."
+    "".join(conv.reply("Open on Sunday, then?", keep=None))  # the caller went on
+    assert not conv.keep_held(dropped.is_set)
+    assert [m["content"] for m in conv.history] == [
+        "Open today?",
+        "Yes.",
+        "Open on Sunday, then?",
+        "Maybe.",
+    ]
