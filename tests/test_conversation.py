@@ -78,7 +78,8 @@ def setup(
         executor = inline = virtual.InlineExecutor()
         engines.stt.spend = engines.tts.spend = inline.spend
         engines.stt.wait = engines.llm.wait = engines.tts.wait = inline.spend_until
-        # Inline, a paused LLM would pause the loop: the pause needs threads (see FakeLlm).
+        # The reply pauses an uncontended LLM for its first clause: inline, that would stop
+        # the loop, so the doubles say it is contended (the pause is tested with threads).
         engines.llm.contended = True
     assets = Assets(settings, engines, executor, vad=ScriptedVad)
     return settings, engines, assets
