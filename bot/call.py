@@ -122,8 +122,8 @@ class Call:
             lead_frames=settings.playout.lead_frames,
             rate_source=lambda: session.rate,
         )
-        self.playout.on_voice_start = lambda t: self._events.append(BotVoiceStarted(t))
         self._events: collections.deque[CallEvent] = collections.deque(maxlen=EVENTS_KEPT)
+        self.playout.on_voice_start = lambda t: self._events.append(BotVoiceStarted(t))
         self._behaviour = behaviour
         # Overflow policy: the oldest caller audio is dropped (and counted) so the newest,
         # which decides what the caller meant, is never lost behind a stalled consumer.

@@ -5,7 +5,7 @@ application answers, creates an externalMedia channel (``encapsulation=audiosock
 ``transport=tcp``, ``format=slin16``, ``data=<uuid>``: Asterisk then dials the bot's AudioSocket
 port and sends that UUID first), bridges the two once that channel is in the application too
 (its own StasisStart, which may come after the request returned), and records UUID -> profile
-in the :class:`~bot.directory.Directory` before the bot's socket connects. Either side hanging
+in the :class:`~.directory.Directory` before the bot's socket connects. Either side hanging
 up tears everything down; a transfer sends the caller back to the dialplan with ``continue``.
 
 Why not ari-py: it imports ``urlparse`` and cannot load on any Python 3. ARI is a small REST API

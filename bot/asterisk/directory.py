@@ -4,9 +4,9 @@ AudioSocket carries only a UUID. Which profile a call is for, which Asterisk cha
 how to move it elsewhere come from other paths, all keyed by that UUID:
 
 - the port the call arrived on (``[profiles.NAME] port``): no Asterisk link needed;
-- ARI (:mod:`bot.ari`): the Stasis application creates the externalMedia channel itself and knows
+- ARI (:mod:`.ari`): the Stasis application creates the externalMedia channel itself and knows
   the dialled profile from ``Stasis(voicebot,PROFILE)`` before the bot's socket connects;
-- AMI (:mod:`bot.ami`): the dialplan sets ``VOICEBOT_UUID`` and ``VOICEBOT_PROFILE`` on the
+- AMI (:mod:`.ami`): the dialplan sets ``VOICEBOT_UUID`` and ``VOICEBOT_PROFILE`` on the
   channel before ``AudioSocket()``; the ``VarSet`` events arrive on the manager connection.
 
 The two Asterisk links race the AudioSocket connection, so a call waits a moment for its route.

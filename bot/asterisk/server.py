@@ -1,7 +1,7 @@
 """The asyncio side of AudioSocket: a listening socket, one :class:`Session` per connection.
 
 The server owns the TCP connection and the byte-level protocol (through the sans-I/O
-:mod:`bot.audiosocket`); what a call *does* belongs to the handler it is given, which receives a
+:mod:`.audiosocket`); what a call *does* belongs to the handler it is given, which receives a
 :class:`Session` once the connection has sent its UUID. Every way a connection can end is turned
 into a one-line reason on the session (``caller hung up``, ``protocol error: ...``, ...), and
 nothing that happens on one connection can reach another: each runs in its own task and every

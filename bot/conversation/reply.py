@@ -90,7 +90,6 @@ class Reply:
         self._llm_may_run = threading.Event()
         self._llm_may_run.set()
         self._runs_out = 0.0  # when the audio made so far will have played (about)
-        self._held_kept = False
 
     @property
     def text(self) -> str:
@@ -112,9 +111,6 @@ class Reply:
                     await self._play()
             await call.drain()
             call.state = CallState.LISTENING
-            if self._held_kept:  # what its reply would have had the LLM prepare
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self.assets.executor, self.dialogue.prepare_next)
         finally:
             self._llm_may_run.set()  # a worker paused between tokens sees the stop at once
             turn.reply = turn.reply or self.text
@@ -221,8 +217,10 @@ class Reply:
     async def _play(self) -> None:
         turn, call = self.turn, self.call
         await turn.ended.wait()  # a reply ahead of the endpoint waits for it
-        # A reply complete before the endpoint joins the history now.
-        self._held_kept = self.dialogue.keep_held(turn.ended.is_set)
+        # A reply complete before the endpoint joins the history now; the LLM prepares the
+        # next turn's prompt in a worker, as the reply's own end would have had it do.
+        if self.dialogue.keep_held(turn.ended.is_set):
+            self.assets.executor.submit(self.dialogue.prepare_next)
         # A question ends its turn after a short hangover, so the answer is under way sooner; it
         # is heard no sooner than min_response_ms after the caller's last word all the same: a
         # caller who only took a breath after question-like words ("Could you recommend a good
