@@ -351,11 +351,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
             if r.get("path"):
                 print(f"       {r['path']}")
-    return (
-        0
-        if all(r["status"] != "missing" and not r["status"].startswith("missing") for r in rows)
-        else 1
-    )
+    return 0 if all(r["status"].startswith(("ok", "downloads")) for r in rows) else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -118,6 +118,18 @@ MODEL_PACKS: Final[dict[str, dict[str, str]]] = {
 }
 
 
+def _url(*schemes: str) -> Check:
+    def check(v: Any) -> str | None:
+        if v == "":
+            return None
+        scheme, sep, rest = str(v).partition("://")
+        if sep and scheme in schemes and rest.strip("/"):
+            return None
+        return f"must be a {' or '.join(schemes)}:// address, got {v!r}"
+
+    return check
+
+
 def _one_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
@@ -131,10 +143,34 @@ class ModelSettings:
 
     pack: str = _setting("default", _one_of(*MODEL_PACKS), "default | fast | quality")
     stt: str = _setting("", None, "STT model: offline name, path, or Hugging Face name")
-    llm: str = _setting("", None, "LLM: offline name, GGUF path, or owner/repo:file.gguf")
+    llm: str = _setting(
+        "", None, "LLM: offline name, GGUF path, owner/repo:file.gguf, or the server's model name"
+    )
     tts: str = _setting("", None, "TTS model: offline name, path, or Hugging Face name")
+    stt_engine: str = _setting(
+        "whisper", _one_of("whisper", "wyoming"), "whisper (in process) | wyoming (a server)"
+    )
+    llm_engine: str = _setting(
+        "llama", _one_of("llama", "openai"), "llama (in process) | openai (a server's API)"
+    )
     tts_engine: str = _setting(
-        "", _one_of("", "kokoro", "piper"), "kokoro | piper (default: pack's)"
+        "",
+        _one_of("", "kokoro", "piper", "wyoming"),
+        "kokoro | piper (in process) | wyoming (a server) (default: pack's)",
+    )
+    stt_url: str = _setting("", _url("tcp"), "Wyoming STT server, tcp://host:port")
+    llm_url: str = _setting("", _url("http", "https"), "OpenAI-compatible API, http://host:port/v1")
+    llm_api_key: str = _setting("", None, "the API's key, for a hosted one")
+    llm_llama_fields: bool = _setting(
+        True,
+        None,
+        "send llama.cpp's sampling fields (top_k, min_p, no repeat penalty, cache_prompt); "
+        "false for an API that rejects fields it does not know",
+    )
+    tts_url: str = _setting("", _url("tcp"), "Wyoming TTS server, tcp://host:port")
+    connect_timeout_s: float = _setting(3.0, _range(0.1, 60), "seconds to reach a model server")
+    read_timeout_s: float = _setting(
+        10.0, _range(0.1, 600), "seconds a model server may stay silent mid-answer"
     )
     tts_backend: str = _setting("onnx", _one_of("onnx", "torch"), "Kokoro backend")
     tts_streaming: bool = _setting(True, None, "Kokoro ONNX: first audio before the sentence")
@@ -325,7 +361,7 @@ class LimitSettings:
 
 
 # Settings that hold secrets: read from the environment only, never from the file or a log.
-SECRETS: Final = frozenset({"ari.password", "ami.secret"})
+SECRETS: Final = frozenset({"ari.password", "ami.secret", "models.llm_api_key"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +569,14 @@ def _check_links(settings: Settings) -> None:
                     f"profiles.{name}.port: {profile.port} is already {taken[profile.port]}"
                 )
             taken[profile.port] = f"profiles.{name}.port"
+    models = settings.models
+    for engine, chosen, remote in (
+        ("stt", models.stt_engine, "wyoming"),
+        ("llm", models.llm_engine, "openai"),
+        ("tts", models.tts_engine, "wyoming"),
+    ):
+        if chosen == remote and not getattr(models, f"{engine}_url"):
+            raise ConfigError(f"models.{engine}_url: {engine}_engine is {remote} but no URL is set")
     if settings.ari.enabled and not settings.ari.password:
         raise ConfigError("ari.password: ARI is enabled but VOICEBOT_ARI_PASSWORD is not set")
     if settings.ami.enabled and not settings.ami.secret:

@@ -9,10 +9,10 @@ from typing import Any, Final
 import numpy as np
 
 from ..audio import float_to_pcm, resample
-from ..config import Settings
+from ..config import ModelSettings, Settings
 from ..engines import EngineError, ModelUnavailable, models
 from ..engines.base import Usage
-from ..engines.stack import Engines, options
+from ..engines.stack import Engines, describe, options, probe, remote_urls
 from ..wording import word_errors
 
 DOCTOR_SENTENCE: Final = "The quick brown fox jumps over the lazy dog."
@@ -21,34 +21,61 @@ MAX_WER: Final = 0.5
 
 
 def models_report(settings: Settings) -> list[dict[str, Any]]:
-    """One row per engine: the model, where it resolved (source, path), size, sha256, status."""
-    stt_o, llm_o, tts_o = options(settings.models)
+    """One row per engine: the model, where it resolved (source, path), size, sha256, status;
+    for an engine on a server, the server and what it says it serves."""
+    m = settings.models
+    stt_o, llm_o, tts_o = options(m)
+    remote = remote_urls(m)
     rows = []
     for engine, name, job in (
         ("stt", stt_o.model, "stt"),
         ("llm", llm_o.model, "llm"),
         ("tts", tts_o.model, f"tts-{tts_o.engine}"),
     ):
-        row: dict[str, Any] = {"engine": engine, "model": name}
-        try:
-            resolved = models.resolve(name.split(":")[0], job)
-            row.update(resolved.describe())
-            main = resolved.path if resolved.paths else None
-            if main is not None and main.is_dir():
-                main = main / "model.bin"
-            if main is not None and main.is_file():
-                row["size"] = main.stat().st_size
-                row["sha256"] = resolved.sha256 or models.sha256_file(main)
-            row["status"] = "ok" if resolved.source != "huggingface" else "downloads on first use"
-        except ModelUnavailable as exc:
-            row["status"] = f"missing: {exc}"
-        rows.append(row)
+        if engine in remote:
+            rows.append(_server_row(m, engine, remote[engine]))
+        else:
+            rows.append(_local_row(engine, name, job))
     return rows
+
+
+def _local_row(engine: str, name: str, job: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"engine": engine, "model": name}
+    try:
+        resolved = models.resolve(name.split(":")[0], job)
+        row.update(resolved.describe())
+        main = resolved.path if resolved.paths else None
+        if main is not None and main.is_dir():
+            main = main / "model.bin"
+        if main is not None and main.is_file():
+            row["size"] = main.stat().st_size
+            row["sha256"] = resolved.sha256 or models.sha256_file(main)
+        row["status"] = "ok" if resolved.source != "huggingface" else "downloads on first use"
+    except ModelUnavailable as exc:
+        row["status"] = f"missing: {exc}"
+    return row
+
+
+def _server_row(m: ModelSettings, engine: str, url: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "engine": engine,
+        "model": f"{m.llm} at {url}" if engine == "llm" and m.llm else url,
+        "source": "server",
+    }
+    try:
+        row["status"] = f"ok: {probe(m, engine)}"
+    except ModelUnavailable as exc:
+        row["status"] = f"unreachable: {exc}"
+    return row
 
 
 def run(settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
     """Loads and warms the engines, then TTS -> 8 kHz -> STT, and one LLM answer."""
-    report: dict[str, Any] = {"pack": settings.models.pack, "ok": False}
+    report: dict[str, Any] = {
+        "pack": settings.models.pack,
+        "engines": describe(settings.models),
+        "ok": False,
+    }
     try:
         engines = Engines(settings.models, log=say)
         engines.warm_up()
@@ -106,6 +133,7 @@ def render(report: dict[str, Any]) -> str:
     if "load_s" not in report:
         return f"doctor: FAILED: {report.get('error')}"
     lines = [
+        "engines: " + ", ".join(f"{k} {v}" for k, v in report["engines"].items()),
         "load:    " + ", ".join(f"{k} {v:.2f} s" for k, v in report["load_s"].items()),
         "warm-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in report["warm_up_s"].items()),
     ]
