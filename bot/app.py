@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Final
 from .asterisk.directory import Directory
 from .asterisk.server import AudioSocketServer, Session, Timeouts
 from .call import Call, CallState, echo
+from .calllog import Observer
 from .config import AssistantProfile, Settings
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from .conversation.assets import Assets
@@ -98,8 +100,10 @@ def handler(
     profile: str | None = None,
     directory: Directory | None = None,
     active: set[Session] | None = None,
+    observer: Observer | None = None,
 ) -> Callable[[Session], Awaitable[None]]:
-    """The per-connection handler for one listener (whose profile is ``profile``)."""
+    """The per-connection handler for one listener (whose profile is ``profile``);
+    ``observer`` sees every call's log events (the metrics)."""
     port_profile = profile or settings.server.profile
     active = set() if active is None else active
 
@@ -122,7 +126,8 @@ def handler(
         chosen = settings.profile(name)
         if len(active) >= settings.limits.max_calls:
             session.log.warning("all %d lines busy: refusing the call", settings.limits.max_calls)
-            await Call(session, name, chosen, settings, behaviour=_busy(assets)).run()
+            busy = Call(session, name, chosen, settings, behaviour=_busy(assets), observer=observer)
+            await busy.run()
             return
         active.add(session)
         try:
@@ -134,6 +139,7 @@ def handler(
                 settings,
                 behaviour=behaviour,
                 directory=directory,
+                observer=observer,
             )
             await call.run()
         finally:
@@ -155,6 +161,18 @@ class Bot:
         self.servers: dict[str, AudioSocketServer] = {}
         self.links: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self.metrics = Metrics(lambda: self.calls_in_progress)
+        self.closing = False  # shutting down: no new calls
+
+    @property
+    def ready(self) -> bool:
+        """Takes a new call now: listening, not shutting down, a line free (what a load
+        balancer's health check asks: a full instance is skipped, not sent a call to refuse)."""
+        return (
+            bool(self.servers)
+            and not self.closing
+            and len(self.active) < self.settings.limits.max_calls
+        )
 
     def listeners(self) -> list[tuple[str, int]]:
         """(profile, port) for every AudioSocket listener."""
@@ -174,6 +192,7 @@ class Bot:
                     profile=profile,
                     directory=self.directory,
                     active=self.active,
+                    observer=self.metrics.observe,
                 ),
                 host=s.server.host,
                 port=port,
@@ -222,6 +241,7 @@ class Bot:
 
     async def close(self, grace: float = 0.0) -> None:
         """Stops accepting calls; calls in progress get ``grace`` seconds, then are ended."""
+        self.closing = True
         await asyncio.gather(*(server.close(grace) for server in self.servers.values()))
         for task in self._tasks:
             task.cancel()

@@ -27,7 +27,7 @@ from .asterisk import audiosocket as proto
 from .asterisk.directory import Directory, Route
 from .asterisk.server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
 from .audio import FRAME_SECONDS, Playout, PlayoutBuffer, silence
-from .calllog import CallLog
+from .calllog import CallLog, Observer
 from .config import EchoProfile, Profile, Settings
 
 DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
@@ -105,6 +105,7 @@ class Call:
         *,
         behaviour: Behaviour,
         directory: Directory | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.session = session
         self.directory = directory
@@ -114,7 +115,7 @@ class Call:
         self.profile = profile
         self.settings = settings
         self.log = session.log
-        self.calllog = CallLog(Path(settings.calls.dir), str(session.uuid))
+        self.calllog = CallLog(Path(settings.calls.dir), str(session.uuid), observer=observer)
         self.buffer = PlayoutBuffer(session.rate or DEFAULT_RATE, settings.playout.buffer_seconds)
         self.playout = Playout(
             self.buffer,
@@ -194,6 +195,11 @@ class Call:
     def interrupt(self) -> float:
         """Drops the audio queued and not yet played; returns how many seconds of it."""
         return self.buffer.clear() / 2 / self.rate
+
+    @property
+    def playing(self) -> bool:
+        """Bot audio is queued and not yet played."""
+        return self.buffer.pending_bytes > 0
 
     def gated(self, now: float) -> bool:
         """The half-duplex gate: the bot's voice is on the line, or was less than

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,9 +31,22 @@ class CallLogger(logging.LoggerAdapter[logging.Logger]):
         return f"[{call}] {msg}", kwargs
 
 
+Observer = Callable[[dict[str, Any]], None]
+
+
 class CallLog:
-    def __init__(self, root: str | Path, call_id: str, *, started: datetime | None = None) -> None:
+    """``observer``: told every event as it is written (the process's metrics)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        call_id: str,
+        *,
+        started: datetime | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.started = started or datetime.now(UTC)
+        self._observer = observer
         self._t0 = time.monotonic()
         self.call_id = call_id
         base = Path(root) / f"{self.started:%Y%m%d-%H%M%S}-{call_id}"
@@ -60,6 +73,8 @@ class CallLog:
         self._fh.write(json.dumps(record, default=str) + "\n")
         self._fh.flush()
         self._events.append(record)
+        if self._observer is not None:
+            self._observer(record)
         return record
 
     def close(self, reason: str, **fields: Any) -> None:

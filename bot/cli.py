@@ -61,6 +61,7 @@ def _load_settings(args: argparse.Namespace) -> config.Settings:
 async def _serve(settings: config.Settings) -> None:
     from .app import Bot, load_assets
     from .engines import EngineError
+    from .web import SidePort
 
     s = settings.server
     try:
@@ -69,6 +70,7 @@ async def _serve(settings: config.Settings) -> None:
     except EngineError as exc:
         _die(f"cannot start: {exc}", 1)
     bot = Bot(settings, assets)
+    side = SidePort(bot, settings.http) if settings.http.enabled else None
     try:
         await bot.start()
     except OSError as exc:
@@ -77,13 +79,21 @@ async def _serve(settings: config.Settings) -> None:
     except Exception as exc:  # an Asterisk link that cannot log in (AmiError), for one
         await bot.close()
         _die(f"cannot start: {exc}", 1)
+    if side is not None:
+        try:
+            await side.start()
+        except OSError as exc:
+            await bot.close()
+            h = settings.http
+            _die(f"cannot listen on {h.host}:{h.port} (http.port): {exc.strerror or exc}", 1)
     where = ", ".join(
         f"{profile} on {server.address[0]}:{server.address[1]}"
         for profile, server in bot.servers.items()
     )
     links = "".join(f", {link.name.upper()} linked" for link in bot.links)
+    http = f", HTTP on {side.address[0]}:{side.address[1]}" if side and side.address else ""
     print(
-        f"voicebot {__version__} ready: AudioSocket {where}{links}, "
+        f"voicebot {__version__} ready: AudioSocket {where}{links}{http}, "
         f"call logs in {settings.calls.dir}/",
         flush=True,
     )
@@ -109,6 +119,8 @@ async def _serve(settings: config.Settings) -> None:
         bot.end_calls()
         await closing
     second.cancel()
+    if side is not None:
+        await side.close()
     log.info("stopped")
 
 

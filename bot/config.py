@@ -82,6 +82,15 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """The HTTP side port: /healthz, /readyz (for a load balancer) and /metrics (Prometheus)."""
+
+    enabled: bool = _setting(True, None, "serve the side port")
+    host: str = _setting("127.0.0.1", _nonempty, "address to listen on (0.0.0.0 for all)")
+    port: int = _setting(9180, _range(0, 65535), "TCP port (0: any free one)")
+
+
+@dataclass(frozen=True, slots=True)
 class PlayoutSettings:
     lead_frames: int = _setting(3, _range(0, 10), "20 ms frames written ahead of real time")
     buffer_seconds: float = _setting(30.0, _range(1, 600), "bot audio that may wait to be played")
@@ -367,6 +376,7 @@ SECRETS: Final = frozenset({"ari.password", "ami.secret", "models.llm_api_key"})
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     playout: PlayoutSettings = field(default_factory=PlayoutSettings)
     calls: CallLogSettings = field(default_factory=CallLogSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
@@ -387,6 +397,7 @@ class Settings:
 
 SECTIONS: Final = {
     "server": ServerSettings,
+    "http": HttpSettings,
     "playout": PlayoutSettings,
     "calls": CallLogSettings,
     "models": ModelSettings,
@@ -520,6 +531,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
 
     settings = Settings(
         server=_build(ServerSettings, "server", _table(data, "server")),
+        http=_build(HttpSettings, "http", _table(data, "http")),
         playout=_build(PlayoutSettings, "playout", _table(data, "playout")),
         calls=_build(CallLogSettings, "calls", _table(data, "calls")),
         models=_build(ModelSettings, "models", _table(data, "models")),
@@ -562,6 +574,10 @@ def _check_links(settings: Settings) -> None:
             f"(profiles: {', '.join(settings.profiles)})"
         )
     taken = {settings.server.port: "server.port"} if settings.server.port else {}
+    if settings.http.enabled and settings.http.port:
+        if settings.http.port in taken:
+            raise ConfigError(f"http.port: {settings.http.port} is already server.port")
+        taken[settings.http.port] = "http.port"
     for name, profile in settings.profiles.items():
         if profile.port:
             if profile.port in taken:

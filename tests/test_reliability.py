@@ -68,7 +68,7 @@ def serve(calls_dir: Path, **env: str) -> tuple[subprocess.Popen[str], int]:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "VOICEBOT_CALLS_DIR": str(calls_dir), **env},
+        env={**os.environ, "VOICEBOT_CALLS_DIR": str(calls_dir), "VOICEBOT_HTTP_PORT": "0", **env},
     )
     assert proc.stdout is not None
     assert "ready" in proc.stdout.readline()

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -26,6 +29,7 @@ from bot.tools.scenarios import phone_band
 from bot.tools.simulator import CallerSimulator
 from bot.tools.subserver import free_port, server_process
 from tests.model_servers import llama_server, wyoming_piper, wyoming_whisper
+from tests.test_side_port import samples
 
 SHOP = [
     {
@@ -155,6 +159,19 @@ def _remote_env(servers: dict[str, str], calls: Path) -> dict[str, str]:
     }
 
 
+def metrics_after_calls(http_port: int, calls: int) -> dict[Any, float]:
+    """The instance's /metrics once ``calls`` calls have ended (polled: a call's end is
+    logged a moment after the caller hangs up)."""
+    deadline = time.monotonic() + 10
+    while True:
+        page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=5).text
+        got = samples(page)
+        ended = sum(v for (name, _), v in got.items() if name == "voicebot_calls_total")
+        if ended >= calls or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
 def _question(text: str) -> bytes:
     piper = PiperTts(progress=False)
     return float_to_pcm(phone_band(np.concatenate(list(piper.synthesize(text))), piper.native_rate))
@@ -164,11 +181,14 @@ def test_a_call_through_remote_engines_only_is_heard_and_answered(
     servers: dict[str, str], tmp_path: Path
 ) -> None:
     question = _question("What are your opening hours on Saturday?")
-    with server_process("assistant", _remote_env(servers, tmp_path / "calls")) as (port, _):
+    http = free_port()
+    env = {**_remote_env(servers, tmp_path / "calls"), "VOICEBOT_HTTP_PORT": str(http)}
+    with server_process("assistant", env) as (port, _):
         sim = CallerSimulator(
             "127.0.0.1", port, [question], greeting_wait=8.0, quiet=1.5, answer_timeout=20.0
         )
         report = asyncio.run(sim.run())
+        metrics = metrics_after_calls(http, 1)
     assert report.ended_by == "caller"
     [turn] = report.turns
     assert turn.response_latency_ms is not None and turn.talk_over_frames == 0
@@ -177,6 +197,15 @@ def test_a_call_through_remote_engines_only_is_heard_and_answered(
     assert "saturday" in logged["transcript"].lower(), logged
     # The example business's Saturday hours (bot/knowledge/example.md), from the server's model.
     assert "10" in logged["reply"] and "4" in logged["reply"], logged["reply"]
+    # /metrics says what the call log says.
+    answered = logged["marks_ms"]["first_frame_out"] / 1000
+    assert metrics[("voicebot_response_seconds_count", ())] == 1
+    assert metrics[("voicebot_response_seconds_sum", ())] == pytest.approx(answered)
+    stt = logged["marks_ms"]["stt_done"] / 1000
+    assert metrics[("voicebot_turn_stage_seconds_sum", (("stage", "stt_done"),))] == pytest.approx(
+        stt
+    )
+    assert metrics[("voicebot_calls_total", (("reason", events[-1]["reason"]),))] == 1
 
 
 def test_a_call_whose_llm_server_went_away_hears_the_apology_and_ends_cleanly(

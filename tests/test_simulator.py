@@ -279,6 +279,7 @@ def test_voicebot_serve_and_call_commands_end_to_end(tmp_path: Path) -> None:
         **os.environ,
         "VOICEBOT_CALLS_DIR": str(tmp_path / "calls"),
         "VOICEBOT_PROFILES_ECHO_DELAY_MS": "200",
+        "VOICEBOT_HTTP_PORT": "0",
         "PYTHONUNBUFFERED": "1",
     }
     server = subprocess.Popen(

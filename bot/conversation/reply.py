@@ -90,6 +90,7 @@ class Reply:
         self._llm_may_run = threading.Event()
         self._llm_may_run.set()
         self._runs_out = 0.0  # when the audio made so far will have played (about)
+        self.underruns = 0  # times the line ran dry between two pieces of this answer
 
     @property
     def text(self) -> str:
@@ -229,10 +230,14 @@ class Reply:
         earliest = turn.marks["speech_end"] + self.assets.settings.turns.min_response_ms / 1000
         if (wait := earliest - clock.now()) > 0:
             await asyncio.sleep(wait)
+        played = False
         while (pcm := await self._audio.get()) is not None:
+            if played and not call.playing:
+                self.underruns += 1  # the caller heard a gap: this piece came late
             await self._caller_done()
             call.state = CallState.SPEAKING
             await call.play(pcm)
+            played = True
 
     async def _caller_done(self) -> None:
         """Nothing of ours is playing and the caller's voice began: wait until it stops, or
@@ -265,6 +270,7 @@ class Reply:
             llm_first_token_ms=round((usage.first_token_s or 0.0) * 1000, 1),
             marks_ms=turn.relative_ms(),
             clauses=turn.relative_clauses(),
+            underruns=self.underruns,
             **({"unanswered": True} if turn.unanswered else {}),
             **({"misheard": turn.misheard} if turn.misheard is not None else {}),
             **({"max_length": True} if turn.max_length else {}),

@@ -36,7 +36,8 @@ def server_process(
         stdout=subprocess.PIPE,
         stderr=stderr or subprocess.DEVNULL,
         text=True,
-        env={**os.environ, **(env or {})},
+        # The HTTP side port on a free port too, unless ``env`` names one.
+        env={**os.environ, "VOICEBOT_HTTP_PORT": "0", **(env or {})},
     )
     try:
         assert proc.stdout is not None
