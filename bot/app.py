@@ -35,7 +35,15 @@ ROUTE_WAIT: Final = 0.3
 
 
 def needs_engines(settings: Settings) -> bool:
-    return any(isinstance(p, AssistantProfile) for p in settings.profiles.values())
+    """A call may get an assistant profile: the port's profile, a profile's own port, or
+    (with ARI or AMI, whose dialplan may name any profile) any profile."""
+    profiles = settings.profiles
+    if settings.ari.enabled or settings.ami.enabled:
+        reachable = list(profiles.values())
+    else:
+        reachable = [profiles[settings.server.profile]]
+        reachable += [p for p in profiles.values() if p.port]
+    return any(isinstance(p, AssistantProfile) for p in reachable)
 
 
 async def load_assets(settings: Settings, say: Callable[[str], None]) -> Assets | None:

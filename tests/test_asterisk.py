@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,10 +24,12 @@ SECRETS = {
 }
 
 
-def compose_settings() -> dict[str, str]:
-    """The bot's environment in docker-compose.yml, secrets filled as compose would."""
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    env = compose["services"]["voicebot"]["environment"]
+def compose_settings(
+    file: str = "docker-compose.yml", service: str = "voicebot"
+) -> dict[str, str]:
+    """A service's environment in a compose file, secrets filled as compose would."""
+    compose = yaml.safe_load((ROOT / file).read_text())
+    env = compose["services"][service]["environment"]
     return {k: "from-.env-" + k if "${" in str(v) else str(v) for k, v in env.items()}
 
 
@@ -211,11 +214,13 @@ def docker_compose() -> list[str]:
     pytest.skip(why)
 
 
-def compose_config(env_file: Path, **secrets: str) -> subprocess.CompletedProcess[str]:
+def compose_config(
+    env_file: Path, file: str = "docker-compose.yml", **secrets: str
+) -> subprocess.CompletedProcess[str]:
     """``docker-compose config -q`` with exactly ``secrets`` in the env file."""
     env_file.write_text("".join(f"{k}={v}\n" for k, v in secrets.items()))
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
-    cmd = [*docker_compose(), "--project-directory", str(ROOT), "-f", "docker-compose.yml"]
+    cmd = [*docker_compose(), "--project-directory", str(ROOT), "-f", file]
     return subprocess.run(
         [*cmd, "--env-file", str(env_file), "config", "-q"],
         cwd=ROOT,
@@ -231,6 +236,23 @@ def test_compose_file_is_valid_with_secrets_and_refuses_without(tmp_path: Path) 
     missing = compose_config(tmp_path / "empty")
     assert missing.returncode != 0
     assert "set SIP_16_PASSWORD in .env" in missing.stderr
+
+
+def test_the_scaled_compose_file_is_valid_and_wires_haproxy_to_its_bots(tmp_path: Path) -> None:
+    scaled = "docker-compose.scaled.yml"
+    ok = compose_config(tmp_path / "env", scaled, **SECRETS)
+    assert ok.returncode == 0, ok.stderr
+    missing = compose_config(tmp_path / "empty", scaled)
+    assert missing.returncode != 0 and "in .env" in missing.stderr
+    for bot in ("bot1", "bot2"):
+        settings = load(None, compose_settings(scaled, bot))
+        assert settings.http.host == "0.0.0.0" and settings.ami.enabled
+        engines = (settings.models.stt_engine, settings.models.llm_engine)
+        assert engines + (settings.models.tts_engine,) == ("wyoming", "openai", "wyoming")
+    # Every ${VAR} of the shipped HAProxy configuration is set by the compose file.
+    haproxy = compose_settings(scaled, "voicebot")
+    wanted = set(re.findall(r"\$\{(\w+)\}", (ROOT / "deploy" / "haproxy.cfg").read_text()))
+    assert wanted == set(haproxy)
 
 
 def test_compose_wires_the_bot_to_the_shipped_dialplan() -> None:

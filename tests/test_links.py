@@ -70,6 +70,17 @@ def test_each_profile_port_gives_its_own_profile(calls_dir: Path) -> None:
     assert started == ["echo", "second"]
 
 
+def test_only_an_assistant_a_call_can_reach_loads_the_engines(calls_dir: Path) -> None:
+    from bot.app import needs_engines
+
+    assert not needs_engines(make_settings(calls_dir))  # echo on the port: starts at once
+    assert needs_engines(make_settings(calls_dir, VOICEBOT_SERVER_PROFILE="assistant"))
+    own_port = make_settings(calls_dir, VOICEBOT_PROFILES_ASSISTANT_PORT="9093")
+    assert needs_engines(own_port)
+    ami = make_settings(calls_dir, VOICEBOT_AMI_ENABLED="true", VOICEBOT_AMI_SECRET=AMI_SECRET)
+    assert needs_engines(ami)  # the dialplan may name any profile
+
+
 def test_two_profiles_cannot_share_a_port(calls_dir: Path) -> None:
     from bot.config import ConfigError
 
