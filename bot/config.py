@@ -197,6 +197,22 @@ class ModelSettings:
         1, _range(1, 64), "Whisper's CPU threads (tiny.en: 71 ms a turn on 1, 80 ms on 2)"
     )
     stt_beam_size: int = _setting(1, _range(1, 10), "Whisper beam size")
+    stt_device: str = _setting(
+        "cpu",
+        _one_of("auto", "cpu", "cuda"),
+        "Whisper on the CPU or a CUDA GPU (auto: a GPU if seen)",
+    )
+    stt_compute_type: str = _setting(
+        "", None, "Whisper's precision: int8, float16, ... (default: int8 on CPU, float16 on GPU)"
+    )
+    llm_gpu_layers: int = _setting(
+        0, _range(-1, 1000), "LLM layers on the GPU (-1: all; needs a CUDA llama-cpp-python)"
+    )
+    tts_device: str = _setting(
+        "cpu",
+        _one_of("auto", "cpu", "cuda"),
+        "Kokoro on the CPU or a CUDA GPU (auto: a GPU if seen)",
+    )
     llm_max_tokens: int = _setting(50, _range(1, 2048), "longest reply, in tokens")
     llm_n_ctx: int = _setting(2048, _range(256, 32768), "LLM context window, in tokens")
     llm_parallel: int = _setting(4, _range(1, 64), "replies the LLM decodes together")

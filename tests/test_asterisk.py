@@ -24,9 +24,7 @@ SECRETS = {
 }
 
 
-def compose_settings(
-    file: str = "docker-compose.yml", service: str = "voicebot"
-) -> dict[str, str]:
+def compose_settings(file: str = "docker-compose.yml", service: str = "voicebot") -> dict[str, str]:
     """A service's environment in a compose file, secrets filled as compose would."""
     compose = yaml.safe_load((ROOT / file).read_text())
     env = compose["services"][service]["environment"]

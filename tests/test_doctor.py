@@ -22,6 +22,11 @@ def test_doctor_round_trip_on_the_default_pack() -> None:
     report = json.loads(out.stdout)
     assert out.returncode == 0 and report["ok"], report
     assert set(report["load_s"]) == set(report["warm_up_s"]) == {"stt", "llm", "tts"}
+    assert report["engines"] == {  # what runs where
+        "stt": "whisper-tiny.en on cpu (int8)",
+        "llm": "qwen2.5-0.5b on cpu",
+        "tts": "kokoro kokoro-v1.0-int8 on cpu",
+    }
     assert report["stt"]["word_error_rate"] <= 0.2
     # The model samples its answer; any real answer has words (usually "Paris").
     assert len(report["llm"]["reply"].split()) >= 2 and report["llm"]["tokens"] >= 2

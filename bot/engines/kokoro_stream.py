@@ -56,7 +56,15 @@ class Sessions:
     threads are fixed): each run takes ``threads`` alone, one beside another engine (see
     :class:`bot.engines.Activity`)."""
 
-    def __init__(self, part: Any, threads: int, *, spinning: bool, activity: Activity) -> None:
+    def __init__(
+        self,
+        part: Any,
+        threads: int,
+        *,
+        spinning: bool,
+        activity: Activity,
+        providers: list[str] | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         self.threads = threads
@@ -69,7 +77,9 @@ class Sessions:
             if not spinning:
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._by_threads[n] = ort.InferenceSession(
-                part.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+                part.SerializeToString(),
+                sess_options=so,
+                providers=providers or ["CPUExecutionProvider"],
             )
 
     def session(self, threads: int) -> Any:
@@ -91,7 +101,13 @@ class KokoroStreamer:
 
     @classmethod
     def split(
-        cls, path: Path, *, vocoder: str, threads: int, activity: Activity
+        cls,
+        path: Path,
+        *,
+        vocoder: str,
+        threads: int,
+        activity: Activity,
+        providers: list[str] | None = None,
     ) -> KokoroStreamer | None:
         """Both halves of the model at ``path``; None (one-shot synthesis) for a graph that
         lacks the tensors it is cut at, such as another exporter's. ``vocoder``: see
@@ -111,7 +127,9 @@ class KokoroStreamer:
         if torch_vocoder is not None:
             # onnxruntime's threads spin after each run, which slowed the vocoder's first
             # window right after the front by ~30 ms: they sleep instead here.
-            front_part = Sessions(front, threads, spinning=False, activity=activity)
+            front_part = Sessions(
+                front, threads, spinning=False, activity=activity, providers=providers
+            )
             streamer = cls(front_part, None, torch_vocoder)
             streamer.warm_up()
             return streamer
@@ -119,8 +137,8 @@ class KokoroStreamer:
             [GEN_FEATURES, GEN_SOURCE, GEN_STYLE], [o.name for o in model.graph.output]
         )
         return cls(
-            Sessions(front, threads, spinning=True, activity=activity),
-            Sessions(generator, threads, spinning=True, activity=activity),
+            Sessions(front, threads, spinning=True, activity=activity, providers=providers),
+            Sessions(generator, threads, spinning=True, activity=activity, providers=providers),
         )
 
     @staticmethod

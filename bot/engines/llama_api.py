@@ -110,6 +110,14 @@ def built_with_amx(low_level: Any) -> bool:
     return built_with(low_level, "AMX_INT8")
 
 
+def offloads_to_gpu(low_level: Any) -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (CUDA, Metal, Vulkan, ...)."""
+    try:
+        return bool(low_level.llama_supports_gpu_offload())
+    except Exception:
+        return False
+
+
 _PARAMS_LOCK = threading.Lock()
 
 

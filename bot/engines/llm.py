@@ -37,7 +37,14 @@ from typing import Any, Final
 from ..config import DEFAULT_SYSTEM_PROMPT, MODEL_PACKS, ModelSettings, default
 from . import Activity, EngineFailed, ModelUnavailable
 from .base import Message, Usage
-from .llama_api import LlamaApi, built_with, built_with_amx, chat_formatter, load_params
+from .llama_api import (
+    LlamaApi,
+    built_with,
+    built_with_amx,
+    chat_formatter,
+    load_params,
+    offloads_to_gpu,
+)
 from .models import resolve
 
 BATCH_TOKENS: Final = 512  # tokens one llama_decode takes: new prompts and one per reply
@@ -58,6 +65,7 @@ class LlmOptions:
     # llama.cpp's extra weight layouts: auto (off if built with AMX)
     extra_buffers: str = default(ModelSettings, "llm_extra_buffers")
     parallel: int = default(ModelSettings, "llm_parallel")  # replies decoded together
+    gpu_layers: int = default(ModelSettings, "llm_gpu_layers")  # -1: all
 
 
 @dataclass(eq=False)
@@ -160,6 +168,13 @@ class LlamaLlm:
         self.extra_buffers = o.extra_buffers == "on" or (
             o.extra_buffers == "auto" and not built_with_amx(low_level)
         )
+        if o.gpu_layers and not offloads_to_gpu(low_level):
+            raise ModelUnavailable(
+                f"models.llm_gpu_layers = {o.gpu_layers}, but this llama-cpp-python has no GPU "
+                'offload: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on"'
+            )
+        layers = {0: "cpu", -1: "gpu (all layers)"}
+        self.device = layers.get(o.gpu_layers, f"gpu ({o.gpu_layers} layers)")
         self.resolved = resolve(
             o.model.split(":")[0] if ":" in o.model else o.model, "llm", progress=progress
         )
@@ -169,6 +184,7 @@ class LlamaLlm:
             n_batch=BATCH_TOKENS,
             n_threads=o.threads,
             n_threads_batch=o.threads,
+            n_gpu_layers=o.gpu_layers,
             verbose=False,
             seed=o.seed,
         )

@@ -26,7 +26,13 @@ WARM_UP_PHRASES: Final = ("Hello!", "Thanks for calling, how can I help you toda
 
 def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
     pack = MODEL_PACKS[m.pack]
-    stt = SttOptions(model=m.stt or pack["stt"], beam_size=m.stt_beam_size, threads=m.stt_threads)
+    stt = SttOptions(
+        model=m.stt or pack["stt"],
+        beam_size=m.stt_beam_size,
+        threads=m.stt_threads,
+        device=m.stt_device,
+        compute_type=m.stt_compute_type,
+    )
     llm = LlmOptions(
         model=m.llm or pack["llm"],
         threads=m.threads,
@@ -34,6 +40,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         n_ctx=m.llm_n_ctx,
         parallel=m.llm_parallel,
         extra_buffers=m.llm_extra_buffers,
+        gpu_layers=m.llm_gpu_layers,
     )
     engine = m.tts_engine or pack["tts_engine"]
     tts = TtsOptions(
@@ -44,6 +51,7 @@ def options(m: ModelSettings) -> tuple[SttOptions, LlmOptions, TtsOptions]:
         threads=m.threads,
         streaming=m.tts_streaming,
         vocoder=m.tts_vocoder,
+        device=m.tts_device,
     )
     return stt, llm, tts
 
@@ -191,6 +199,17 @@ class Engines:
                 "libgomp, which then slows every LLM prompt ~1.5x; rebuild llama-cpp-python with "
                 "CMAKE_ARGS=-DGGML_OPENMP=OFF (scripts/bootstrap does)"
             )
+
+    def where(self) -> dict[str, str]:
+        """What each engine runs and where it computes ("whisper-tiny.en on cpu (int8)",
+        "the server at tcp://...")."""
+        found = describe(self.settings)
+        for job, engine in (("stt", self.stt), ("llm", self.llm), ("tts", self.tts)):
+            if job not in remote_urls(self.settings):
+                device = getattr(engine, "device", "cpu")
+                precision = getattr(engine, "compute_type", None)
+                found[job] += f" on {device}" + (f" ({precision})" if precision else "")
+        return found
 
     def warm_up(self) -> None:
         """Runs every engine once: the first inference after load is several times slower."""

@@ -18,7 +18,7 @@ import numpy as np
 from ..audio import pcm_to_float, resample
 from ..config import MODEL_PACKS, ModelSettings, default
 from ..wording import words
-from . import Activity, EngineFailed, ModelUnavailable
+from . import Activity, EngineFailed, ModelUnavailable, devices
 from .base import Transcript
 from .models import Resolved, resolve
 
@@ -53,7 +53,8 @@ class SttOptions:
     # catalogue name, path, HF repo, or a faster-whisper size
     model: str = MODEL_PACKS["default"]["stt"]
     beam_size: int = default(ModelSettings, "stt_beam_size")
-    compute_type: str = "int8"
+    device: str = default(ModelSettings, "stt_device")  # auto | cpu | cuda
+    compute_type: str = default(ModelSettings, "stt_compute_type")  # "": by device
     threads: int = default(ModelSettings, "stt_threads")
     language: str | None = "en"
     # Whisper pads every input to 30 s, which is most of its cost for a 1-3 s phone turn. An
@@ -89,11 +90,19 @@ class WhisperStt:
                 if self.resolved.source == "huggingface"
                 else str(self.resolved.path)
             )
+        want = self.options.device
+        self.device = devices.choose(
+            "models.stt_device",
+            want,
+            want != "cpu" and devices.ctranslate2_cuda(),
+            "CTranslate2 sees no CUDA device (a GPU, its driver, CUDA 12 and cuDNN 9)",
+        )
+        self.compute_type = devices.stt_compute_type(self.options.compute_type, self.device)
         try:
             self._model: Any = WhisperModel(
                 source,
-                device="cpu",
-                compute_type=self.options.compute_type,
+                device=self.device,
+                compute_type=self.compute_type,
                 cpu_threads=self.options.threads,
             )
         except Exception as exc:

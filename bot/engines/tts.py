@@ -28,7 +28,7 @@ import numpy as np
 
 from ..audio import Resampler, float_to_pcm
 from ..config import MODEL_PACKS, ModelSettings, default
-from . import Activity, DeadlineLock, EngineFailed, ModelUnavailable
+from . import Activity, DeadlineLock, EngineFailed, ModelUnavailable, devices
 from .base import FloatArray, TtsEngine
 from .kokoro_stream import KOKORO_RATE, KokoroStreamer
 from .models import CATALOG, materialize, resolve
@@ -52,6 +52,7 @@ class TtsOptions:
     # Kokoro ONNX streaming: the vocoder on onnxruntime ("onnx"), or on PyTorch in bfloat16
     # ("torch", bot/engines/vocoder.py); "auto": torch where the CPU has bfloat16 units.
     vocoder: str = default(ModelSettings, "tts_vocoder")
+    device: str = default(ModelSettings, "tts_device")  # Kokoro: auto | cpu | cuda
 
 
 def sentences(text: str) -> list[str]:
@@ -214,13 +215,23 @@ class KokoroOnnx(_KokoroBase):
         self.voices = dict(np.load(voices_path))
         self._voices_path = voices_path
         self.style = self._style(options.voice)
+        want = options.device
+        self.device = devices.choose(
+            "models.tts_device",
+            want,
+            want != "cpu" and devices.onnxruntime_cuda(),
+            "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)",
+        )
+        providers = devices.onnx_providers(self.device)
         self.streaming: KokoroStreamer | None = None
         if options.streaming:
             self.streaming = KokoroStreamer.split(
                 Path(resolved.path),
-                vocoder=options.vocoder,
+                # The bfloat16 vocoder is for CPUs: on a GPU onnxruntime runs all of it.
+                vocoder="onnx" if self.device == "cuda" else options.vocoder,
                 threads=options.threads,
                 activity=activity,
+                providers=providers,
             )
         # The whole graph in one session only where it is run whole (the halves hold it all).
         self.session: Any = None
@@ -229,7 +240,7 @@ class KokoroOnnx(_KokoroBase):
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
             self.session = ort.InferenceSession(
-                str(resolved.path), sess_options=so, providers=["CPUExecutionProvider"]
+                str(resolved.path), sess_options=so, providers=providers
             )
             entry = self.session
         else:
@@ -312,6 +323,14 @@ class KokoroTorch(_KokoroBase):
             raise ModelUnavailable(
                 f"cannot load Kokoro (PyTorch) {options.model!r}: {exc}"
             ) from exc
+        want = options.device
+        self.device = devices.choose(
+            "models.tts_device",
+            want,
+            want != "cpu" and devices.torch_cuda(),
+            "PyTorch sees no CUDA device (install a CUDA build of torch)",
+        )
+        self.model = self.model.to(self.device)
         self._packs: dict[str, Any] = {}
         self.pack = self._style(options.voice)
         self.vocab = self.model.vocab

@@ -78,6 +78,7 @@ def run(settings: Settings, say: Callable[[str], None]) -> dict[str, Any]:
     }
     try:
         engines = Engines(settings.models, log=say)
+        report["engines"] = engines.where()
         engines.warm_up()
         report["load_s"] = {k: round(v, 3) for k, v in engines.timing.load.items()}
         report["warm_up_s"] = {k: round(v, 3) for k, v in engines.timing.warm_up.items()}
