@@ -115,3 +115,19 @@ def test_the_side_port_says_alive_ready_full_and_draining(calls_dir: Path) -> No
             await side.close()
 
     asyncio.run(main())
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_bot_exposes() -> None:
+    import json
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    dashboard = json.loads((root / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    asked = {m for e in exprs for m in re.findall(r"\bvoicebot_\w+", e)}
+    exposed = set(samples(Metrics(lambda: 0).exposition().decode()))
+    names = {name for name, _ in exposed}
+    # Counters and histograms with no sample yet: their families still name them.
+    families = {f.name for f in text_string_to_metric_families(Metrics().exposition().decode())}
+    known = names | {f"{f}_bucket" for f in families} | {f"{f}_total" for f in families} | families
+    assert asked and asked <= known, asked - known
