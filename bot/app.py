@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,9 +21,10 @@ from typing import TYPE_CHECKING, Any, Final
 from .asterisk.directory import Directory
 from .asterisk.server import AudioSocketServer, Session, Timeouts
 from .call import Call, CallState, echo
-from .calllog import Observer
+from .calllog import Observer, list_calls, prune
 from .config import AssistantProfile, Settings
 from .metrics import Metrics
+from .recording import RECORDING_FILE, repair
 
 if TYPE_CHECKING:
     from .conversation.assets import Assets
@@ -158,6 +160,24 @@ def handler(
     return handle
 
 
+TIDY_EVERY_S: Final = 3600.0
+QUIET_RECORDING_S: Final = 60.0  # a recording untouched this long is no live call's
+
+
+def tidy_calls(settings: Settings) -> None:
+    """The calls folder at start-up and hourly: recordings cut off by a crash get a header
+    that matches their length, and call folders older than ``[calls] keep_days`` go."""
+    root = Path(settings.calls.dir)
+    now = time.time()
+    for folder in list_calls(root):
+        wav = folder / RECORDING_FILE
+        with contextlib.suppress(OSError):
+            if wav.is_file() and now - wav.stat().st_mtime > QUIET_RECORDING_S and repair(wav):
+                log.warning("repaired the recording of a call cut off: %s", wav)
+    for folder in prune(root, settings.calls.keep_days):
+        log.info("removed call %s (older than %d days)", folder.name, settings.calls.keep_days)
+
+
 class Bot:
     """The server process: listeners, engines, Asterisk links."""
 
@@ -191,6 +211,8 @@ class Bot:
 
     async def start(self) -> None:
         s = self.settings
+        await asyncio.to_thread(tidy_calls, s)
+        self._tasks.append(asyncio.create_task(self._tidy_hourly(), name="tidy-calls"))
         timeouts = Timeouts.from_settings(s.server)
         for profile, port in self.listeners():
             server = AudioSocketServer(
@@ -221,6 +243,11 @@ class Bot:
             ari = AriApp(s.ari, self.directory)
             self.links.append(ari)
             self._tasks.append(asyncio.create_task(ari.run(), name="ari"))
+
+    async def _tidy_hourly(self) -> None:
+        while True:
+            await asyncio.sleep(TIDY_EVERY_S)
+            await asyncio.to_thread(tidy_calls, self.settings)
 
     def stats(self) -> dict[str, Any]:
         """Process health: what a soak test watches for growth (SIGUSR1 writes it out)."""

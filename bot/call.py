@@ -29,6 +29,7 @@ from .asterisk.server import CALLER_HUNG_UP, ULAW_FIX, Session, SessionEnded
 from .audio import FRAME_SECONDS, Playout, PlayoutBuffer, silence
 from .calllog import CallLog, Observer
 from .config import EchoProfile, Profile, Settings
+from .recording import RECORDING_FILE, Recorder
 
 DEFAULT_RATE: Final = 8000  # AudioSocket() always sends slin 8 kHz; slin16 shows in its first frame
 # Asterisk's first audio frame follows the UUID by ~20 ms and tells the call's rate. The playout
@@ -117,9 +118,11 @@ class Call:
         self.log = session.log
         self.calllog = CallLog(Path(settings.calls.dir), str(session.uuid), observer=observer)
         self.buffer = PlayoutBuffer(session.rate or DEFAULT_RATE, settings.playout.buffer_seconds)
+        self.recorder: Recorder | None = None  # from the first caller frame (its rate)
+        self._t0 = clock.now()
         self.playout = Playout(
             self.buffer,
-            session.send_audio,
+            self._send_frame,
             lead_frames=settings.playout.lead_frames,
             rate_source=lambda: session.rate,
         )
@@ -298,6 +301,14 @@ class Call:
     def _close_log(self, error: str | None) -> None:
         s = self.session
         stats = self.playout.stats
+        recorded = {}
+        if self.recorder is not None:
+            self.recorder.close()
+            if self.recorder.recording or self.recorder.data_bytes:
+                recorded = {
+                    "recording": RECORDING_FILE,
+                    "recording_s": round(self.recorder.seconds, 2),
+                }
         self.calllog.close(
             self.end_reason or "unknown",
             frames_in=s.frames_in,
@@ -312,6 +323,7 @@ class Call:
             duration=round(self.calllog.elapsed(), 3),
             **({"protocol_error": s.error} if s.error else {}),
             **({"error": error} if error else {}),
+            **recorded,
         )
         self.log.info(
             "call ended: %s (%d frames in, %d out)", self.end_reason, s.frames_in, s.frames_out
@@ -321,12 +333,16 @@ class Call:
         s = self.session
         while (event := await s.receive()) is not None:
             if isinstance(event, proto.Audio):
+                now = clock.now()
                 if not self._rate_known.is_set():
                     self._rate_known.set()
                     self._log_format(event)
+                    self._start_recording(event.rate)
+                if self.recorder is not None:
+                    self.recorder.caller(now, event.pcm, event.rate)
                 if len(self._inbound) == self._inbound.maxlen:
                     self.inbound_dropped += 1
-                self._inbound.append((clock.now(), event))
+                self._inbound.append((now, event))
                 self._inbound_ready.set()
             else:
                 self.dtmf.append(event.digit)
@@ -347,6 +363,27 @@ class Call:
         )
         if ulaw:
             self.calllog.event("warning", message=ULAW_FIX)
+
+    def _start_recording(self, rate: int) -> None:
+        if not self.settings.calls.record:
+            return
+        self.recorder = Recorder(
+            self.calllog.folder / RECORDING_FILE,
+            rate,
+            self._t0,
+            lead_frames=self.settings.playout.lead_frames,
+            on_error=self._recording_failed,
+        )
+
+    def _recording_failed(self, why: str) -> None:
+        self.log.warning("%s", why)
+        if not self.calllog.closed:
+            self.calllog.event("warning", message=why)
+
+    async def _send_frame(self, frame: bytes) -> None:
+        if self.recorder is not None:
+            self.recorder.bot(clock.now(), frame, self.buffer.rate)
+        await self.session.send_audio(frame)
 
     async def _play(self) -> None:
         # A frame at the wrong rate is noise to Asterisk: learn the rate before the first one.

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TextIO
+
+log = logging.getLogger(__name__)
 
 EVENTS_FILE: Final = "events.jsonl"
 SUMMARY_FILE: Final = "summary.txt"
@@ -129,3 +132,30 @@ def list_calls(root: str | Path) -> Iterator[Path]:
     if not root.is_dir():
         return iter(())
     return iter(sorted((p for p in root.iterdir() if (p / EVENTS_FILE).is_file()), reverse=True))
+
+
+def started_at(folder: Path) -> datetime | None:
+    """When a call began, from its folder's name (``YYYYmmdd-HHMMSS-<uuid>``, UTC)."""
+    try:
+        return datetime.strptime(folder.name[:15], "%Y%m%d-%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def prune(root: str | Path, keep_days: int, now: datetime | None = None) -> list[Path]:
+    """Removes the call folders that began more than ``keep_days`` ago (0: none); returns
+    them. A folder it cannot remove is logged and left."""
+    if keep_days <= 0:
+        return []
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=keep_days)
+    removed = []
+    for folder in list_calls(root):
+        began = started_at(folder)
+        if began is not None and began < cutoff:
+            try:
+                shutil.rmtree(folder)
+            except OSError as exc:
+                log.warning("cannot remove old call %s: %s", folder, exc.strerror or exc)
+                continue
+            removed.append(folder)
+    return removed

@@ -98,7 +98,11 @@ class PlayoutSettings:
 
 @dataclass(frozen=True, slots=True)
 class CallLogSettings:
+    """Per-call folders: the log, and a recording of both sides (see the README on consent)."""
+
     dir: str = _setting("calls", _nonempty, "folder for per-call logs")
+    record: bool = _setting(True, None, "record each call to call.wav (caller left, bot right)")
+    keep_days: int = _setting(0, _range(0, 36500), "remove call folders older than this (0: keep)")
 
 
 # What each [models] pack loads; a key of [models] that is set overrides its pack's.
