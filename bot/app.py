@@ -111,11 +111,14 @@ def handler(
     directory: Directory | None = None,
     active: set[Session] | None = None,
     observer: Observer | None = None,
+    live: dict[str, Call] | None = None,
 ) -> Callable[[Session], Awaitable[None]]:
     """The per-connection handler for one listener (whose profile is ``profile``);
-    ``observer`` sees every call's log events (the metrics)."""
+    ``observer`` sees every call's log events (the metrics); ``live`` holds the calls in
+    progress by their log folder's name (the inspector)."""
     port_profile = profile or settings.server.profile
     active = set() if active is None else active
+    live = {} if live is None else live
 
     async def handle(session: Session) -> None:
         uuid = str(session.uuid)
@@ -140,6 +143,7 @@ def handler(
             await busy.run()
             return
         active.add(session)
+        call: Call | None = None
         try:
             behaviour = _assistant(name, assets) if isinstance(chosen, AssistantProfile) else echo
             call = Call(
@@ -151,9 +155,12 @@ def handler(
                 directory=directory,
                 observer=observer,
             )
+            live[call.calllog.folder.name] = call
             await call.run()
         finally:
             active.discard(session)
+            if call is not None:
+                live.pop(call.calllog.folder.name, None)
             if directory is not None:
                 directory.forget(uuid)
 
@@ -189,8 +196,13 @@ class Bot:
         self.servers: dict[str, AudioSocketServer] = {}
         self.links: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
+        self.live: dict[str, Call] = {}  # by log folder name
         self.metrics = Metrics(lambda: self.calls_in_progress)
         self.closing = False  # shutting down: no new calls
+
+    def live_states(self) -> dict[str, str]:
+        """The calls in progress and what each is doing (log folder name -> state)."""
+        return {name: str(call.state) for name, call in list(self.live.items())}
 
     @property
     def ready(self) -> bool:
@@ -223,6 +235,7 @@ class Bot:
                     directory=self.directory,
                     active=self.active,
                     observer=self.metrics.observe,
+                    live=self.live,
                 ),
                 host=s.server.host,
                 port=port,

@@ -199,6 +199,10 @@ class Call:
         """Drops the audio queued and not yet played; returns how many seconds of it."""
         return self.buffer.clear() / 2 / self.rate
 
+    def since_start(self, t: float) -> float:
+        """Seconds from the call's start to ``t`` (clock time): where ``t`` is in call.wav."""
+        return t - self._t0
+
     @property
     def playing(self) -> bool:
         """Bot audio is queued and not yet played."""

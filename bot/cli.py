@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__, config
 from .audio import read_wav, write_wav
-from .calllog import list_calls, read_call, render_summary
+from .calllog import CallRecord, list_calls, read_call, render_summary
 from .tools.simulator import CallerSimulator, DtmfAt
 
 log = logging.getLogger("voicebot")
@@ -225,7 +225,10 @@ def cmd_calls(args: argparse.Namespace) -> int:
         else:
             print(f"{record.folder}")
             print(render_summary(record.events), end="")
+            print(_waterfalls(record), end="")
         return 0
+    if args.action == "web":
+        return _calls_web(root, args.host, args.port, _load_settings(args).http.token)
     rows = []
     for folder in list_calls(root):
         rec = read_call(folder)
@@ -248,6 +251,31 @@ def cmd_calls(args: argparse.Namespace) -> int:
     for r in [] if args.json else rows:
         dur = "-" if r["duration"] is None else f"{r['duration']:.1f}s"
         print(f"{r['id']}  {r['profile'] or '-':<8} {dur:>7}  {r['end']}")
+    return 0
+
+
+def _waterfalls(record: CallRecord) -> str:
+    """Each turn's latency marks as text bars (ms after the caller's last word)."""
+    from .callview import turns, waterfall_text
+
+    lines = []
+    for turn in turns(record):
+        when = "" if turn["at_s"] is None else f" at {turn['at_s']:.2f} s"
+        lines.append(f"\nturn {turn['index']}{when}: {turn['transcript']!r} -> {turn['reply']!r}")
+        lines += waterfall_text(turn)
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _calls_web(root: Path, host: str, port: int, token: str) -> int:
+    """The call inspector on a folder of call logs, no bot needed; Ctrl-C stops it."""
+    from .web import serve_folder
+
+    try:
+        asyncio.run(serve_folder(root, host, port, token))
+    except OSError as exc:
+        _die(f"cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -512,14 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     call.set_defaults(func=cmd_call)
 
     calls = sub.add_parser(
-        "calls", parents=[common], help="list recent calls, or show one call's timeline"
+        "calls",
+        parents=[common],
+        help="list recent calls, show one call's timeline, or browse them (web)",
     )
-    calls.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    calls.add_argument("action", nargs="?", choices=["list", "show", "web"], default="list")
     calls.add_argument("id", nargs="?", help="with show: call UUID or folder name (or part)")
     calls.add_argument("--dir", help="call log folder (default from settings: calls/)")
     calls.add_argument("--config", help="TOML settings file")
     calls.add_argument("--limit", type=int, default=20)
     calls.add_argument("--json", action="store_true")
+    calls.add_argument("--host", default="127.0.0.1", help="web: address (default 127.0.0.1)")
+    calls.add_argument("--port", type=int, default=9181, help="web: port (default 9181; 0: any)")
     calls.set_defaults(func=cmd_calls)
 
     mdl = sub.add_parser(

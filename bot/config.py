@@ -83,11 +83,14 @@ class ServerSettings:
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
-    """The HTTP side port: /healthz, /readyz (for a load balancer) and /metrics (Prometheus)."""
+    """The HTTP side port: /healthz, /readyz (for a load balancer), /metrics (Prometheus) and
+    the call inspector."""
 
     enabled: bool = _setting(True, None, "serve the side port")
     host: str = _setting("127.0.0.1", _nonempty, "address to listen on (0.0.0.0 for all)")
     port: int = _setting(9180, _range(0, 65535), "TCP port (0: any free one)")
+    inspector: bool = _setting(True, None, "serve the call inspector pages (/, /calls/ID)")
+    token: str = _setting("", None, "the inspector's access token, needed off loopback")
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +393,7 @@ class LimitSettings:
 
 
 # Settings that hold secrets: read from the environment only, never from the file or a log.
-SECRETS: Final = frozenset({"ari.password", "ami.secret", "models.llm_api_key"})
+SECRETS: Final = frozenset({"ari.password", "ami.secret", "models.llm_api_key", "http.token"})
 
 
 @dataclass(frozen=True, slots=True)

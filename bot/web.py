@@ -4,19 +4,29 @@
 - ``/readyz``: 200 when the instance takes a new call (engines loaded, listening, a line free,
   not shutting down), else 503: HAProxy's ``httpchk`` then sends calls to the other instances.
 - ``/metrics``: Prometheus's text format (bot/metrics.py).
+- the call inspector (bot/inspector.py), unless ``[http] inspector = false``.
 
 Loopback by default ([http] host): it says how busy the bot is, to anyone who can reach it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
 import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
 from .app import Bot
+from .calllog import EVENTS_FILE, list_calls, read_call
 from .config import HttpSettings
+from .inspector import Inspector
 from .metrics import CONTENT_TYPE
 
 
@@ -28,7 +38,11 @@ class SidePort:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+        if settings.inspector:
+            root = Path(bot.settings.calls.dir)
+            inspector = Inspector(root, bot.live_states, host=settings.host, token=settings.token)
+            inspector.add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> None:
@@ -64,3 +78,39 @@ class SidePort:
         response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
+
+
+QUIET_S: Final = 60.0  # a call whose log has not grown this long, and has no end, is not live
+
+
+def folder_live(root: Path) -> Callable[[], dict[str, str]]:
+    """Live calls as a folder of logs shows them, with no bot to ask: no ``call_end`` yet and
+    a log written to lately ("in progress"; a crashed call's log goes quiet)."""
+
+    def live() -> dict[str, str]:
+        now = time.time()
+        found = {}
+        for folder in itertools.islice(list_calls(root), 50):
+            events = folder / EVENTS_FILE
+            with contextlib.suppress(OSError):
+                if now - events.stat().st_mtime < QUIET_S and read_call(folder).end is None:
+                    found[folder.name] = "in progress"
+        return found
+
+    return live
+
+
+async def serve_folder(root: Path, host: str, port: int, token: str = "") -> None:
+    """``voicebot calls web``: the call inspector on ``root`` until cancelled."""
+    app = web.Application()
+    Inspector(root, folder_live(root), host=host, token=token).add_routes(app)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    sock = socket.create_server((host, port))
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    bound = sock.getsockname()
+    print(f"call inspector for {root}/ on http://{bound[0]}:{bound[1]}/", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -258,9 +258,15 @@ class Reply:
                 llm_tokens=usage.completion_tokens,
             )
             return
+        speech_end = turn.marks.get("speech_end")
         self.call.calllog.event(
             "turn",
             index=turn.index,
+            **(
+                {"at_s": round(self.call.since_start(speech_end), 3)}
+                if speech_end is not None
+                else {}
+            ),
             transcript=turn.transcript,
             reply=turn.reply,
             stt_speculative=turn.stt_speculative,
