@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .calllog import CallRecord, list_calls, read_call, started_at
+from .calllog import EVENTS_FILE, CallRecord, list_calls, read_call, started_at
 from .recording import RECORDING_FILE
 
 # The marks of a turn's waterfall, in the order the answer passes them (ms after speech_end).
@@ -67,16 +67,30 @@ def summary(record: CallRecord, state: str | None = None) -> dict[str, Any]:
     }
 
 
-def summaries(root: Path, live: dict[str, str], limit: int = 200) -> list[dict[str, Any]]:
-    """Live calls first (with their state), then the most recent ones."""
+Cache = dict[str, tuple[tuple[int, str | None], dict[str, Any]]]
+
+
+def summaries(
+    root: Path, live: dict[str, str], limit: int = 200, cache: Cache | None = None
+) -> list[dict[str, Any]]:
+    """Live calls first (with their state), then the most recent ones. ``cache`` keeps rows
+    between calls: a row is read again only when its log grew or its state changed."""
     rows: list[dict[str, Any]] = []
     for folder in list_calls(root):
-        if len(rows) >= limit and folder.name not in live:
+        name = folder.name
+        if len(rows) >= limit and name not in live:
             continue
         try:
-            rows.append(summary(read_call(folder), live.get(folder.name)))
+            key = ((folder / EVENTS_FILE).stat().st_mtime_ns, live.get(name))
+            if cache is not None and name in cache and cache[name][0] == key:
+                rows.append(cache[name][1])
+                continue
+            row = summary(read_call(folder), live.get(name))
         except (OSError, ValueError):
             continue  # a folder being removed, or a log that is not JSON
+        if cache is not None:
+            cache[name] = (key, row)
+        rows.append(row)
     return sorted(rows, key=lambda r: not r["live"])
 
 

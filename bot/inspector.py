@@ -46,6 +46,7 @@ class Inspector:
         self.token = token
         self.local = host in LOOPBACK
         self._closing = asyncio.Event()
+        self._rows: callview.Cache = {}
 
     def add_routes(self, app: web.Application) -> None:
         routes = {
@@ -96,7 +97,7 @@ class Inspector:
     # --- data ----------------------------------------------------------------------------------
 
     def _calls(self) -> list[dict[str, Any]]:
-        return callview.summaries(self.root, self.live())
+        return callview.summaries(self.root, self.live(), cache=self._rows)
 
     def _call(self, folder: Path) -> dict[str, Any]:
         record = read_call(folder)
