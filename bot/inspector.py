@@ -304,7 +304,8 @@ __HEAD__
 <canvas id=wave width=1200 height=160 title="caller above, bot below; click to play from there">
 </canvas>
 <p><audio id=audio controls preload=metadata src="__ID__/call.wav"></audio>
-<small>caller: left channel (above), bot: right channel (below)</small></p>
+<small>caller: left channel (above), bot: right channel (below); red: a turn's end,
+orange: a barge-in, transfer or error</small></p>
 <h2>Turns</h2>
 <div id=turns>__TURNS__</div>
 <h2>Timeline</h2>
@@ -328,10 +329,15 @@ function draw(wave) {
       g.fillRect(x, dir < 0 ? mid - y : mid, Math.max(1, w / peaks.length), y);
     });
   }
-  g.fillStyle = "#c33";
+  g.fillStyle = "#c33";  // turns: where the caller's words ended
   for (const t of data.turns) {
     if (t.at_s == null || !seconds) continue;
     g.fillRect(t.at_s / seconds * w, 0, 2, h);
+  }
+  g.fillStyle = "#e80";  // barge-ins, transfers, errors: a tick at the top
+  for (const e of data.timeline) {
+    if (["greeting", "call_end", "dtmf"].includes(e.event) || !seconds) continue;
+    g.fillRect(e.t / seconds * w - 1, 0, 3, 14);
   }
 }
 fetch("../api/calls/" + encodeURIComponent(data.summary.id) + "/waveform" + q)
