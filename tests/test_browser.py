@@ -63,10 +63,6 @@ def question_wav(path: Path) -> Path:
     return path
 
 
-def status_of(page: Page) -> str:
-    return str(page.locator("#rows tr.live td.status").first.text_content())
-
-
 def test_a_call_shows_up_live_then_with_its_recording_and_waterfall(
     page: Page, tmp_path: Path
 ) -> None:
@@ -85,20 +81,22 @@ def test_a_call_shows_up_live_then_with_its_recording_and_waterfall(
             text=True,
         )
         try:
-            # Live: the call appears at the top with its state, which changes as it goes.
-            page.wait_for_selector("#rows tr.live", timeout=20_000)
-            first = status_of(page)
-            page.wait_for_function(
-                "s => { const c = document.querySelector('#rows tr.live td.status');"
-                " return !c || c.textContent !== s; }",
-                arg=first,
-                timeout=30_000,
+            # Live: the call appears at the top with its state, which changes as it goes (the
+            # page records each state it shows).
+            page.evaluate(
+                "window.seen = []; new MutationObserver(() => {"
+                " const c = document.querySelector('#rows tr.live td.status');"
+                " if (c && window.seen.at(-1) !== c.textContent) window.seen.push(c.textContent);"
+                " }).observe(document.getElementById('rows'), {childList: true, subtree: true});"
             )
+            page.wait_for_selector("#rows tr.live", timeout=20_000)
             assert caller.wait(60) == 0, caller.stdout.read() if caller.stdout else ""
         finally:
             caller.kill()
         # Ended: the same row, no longer live, with its end reason.
         page.wait_for_selector("#rows tr:not(.live) >> text=caller hung up", timeout=10_000)
+        seen = page.evaluate("window.seen")
+        assert len(seen) >= 3 and "listening" in seen, seen  # e.g. greeting, listening, speaking
         [folder] = list_calls(tmp_path / "calls")
         end = read_call(folder).end
         assert end is not None
