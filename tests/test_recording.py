@@ -12,6 +12,7 @@ import time
 import wave
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -201,3 +202,35 @@ def test_old_call_folders_are_removed_after_keep_days(calls_dir: Path) -> None:
         "20261205-120000-recent",
         "20261206-090000-today",
     ]
+
+
+def test_a_call_whose_recording_fails_goes_on_and_its_log_says_why(
+    calls_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bot.call
+
+    def on_a_full_disk(path: Path, *args: Any, **kwargs: Any) -> Recorder:
+        return Recorder(Path("/dev/full"), *args, **kwargs)  # every write: ENOSPC
+
+    monkeypatch.setattr(bot.call, "Recorder", on_a_full_disk)
+    settings = make_settings(calls_dir, VOICEBOT_SERVER_PORT="0")
+    speech = tone(25)
+
+    async def main() -> None:
+        bot_ = Bot(settings)
+        await bot_.start()
+        try:
+            port = bot_.servers["echo"].address[1]
+            sim = CallerSimulator("127.0.0.1", port, [speech], greeting_wait=0.5, quiet=1.5)
+            report = await sim.run()
+            assert report.ended_by == "caller" and bytes(sim.received).find(speech) >= 0
+        finally:
+            await bot_.close(grace=2)
+
+    asyncio.run(main())
+    [folder] = list_calls(calls_dir)
+    events = read_call(folder).events
+    [warning] = [e for e in events if e["event"] == "warning"]
+    assert warning["message"].startswith("recording stopped: No space left on device")
+    assert events[-1]["event"] == "call_end" and events[-1]["reason"] == "caller hung up"
+    assert "recording" not in events[-1]
