@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from .asterisk.directory import Directory
+from .asterisk.directory import Directory, Route
 from .asterisk.server import AudioSocketServer, Session, Timeouts
 from .call import Call, CallState, echo
 from .calllog import Observer, list_calls, prune
@@ -103,6 +103,21 @@ def _assistant(name: str, assets: Assets | None) -> Callable[[Call], Awaitable[N
     return behaviour
 
 
+def _profile_name(
+    settings: Settings, route: Route | None, port_profile: str, session: Session
+) -> str:
+    """The profile Asterisk asked for (ARI/AMI), if defined; else the port's."""
+    if route is not None and route.profile:
+        if route.profile in settings.profiles:
+            return route.profile
+        session.log.warning(
+            "Asterisk asked for profile %r, which is not defined; using %s",
+            route.profile,
+            port_profile,
+        )
+    return port_profile
+
+
 def handler(
     settings: Settings,
     assets: Assets | None = None,
@@ -126,16 +141,7 @@ def handler(
         if directory is not None:
             wait = ROUTE_WAIT if settings.ari.enabled or settings.ami.enabled else 0.0
             route = await directory.lookup(uuid, wait)
-        name = port_profile
-        if route is not None and route.profile:
-            if route.profile in settings.profiles:
-                name = route.profile
-            else:
-                session.log.warning(
-                    "Asterisk asked for profile %r, which is not defined; using %s",
-                    route.profile,
-                    port_profile,
-                )
+        name = _profile_name(settings, route, port_profile, session)
         chosen = settings.profile(name)
         if len(active) >= settings.limits.max_calls:
             session.log.warning("all %d lines busy: refusing the call", settings.limits.max_calls)

@@ -61,7 +61,6 @@ def _load_settings(args: argparse.Namespace) -> config.Settings:
 async def _serve(settings: config.Settings) -> None:
     from .app import Bot, load_assets
     from .engines import EngineError
-    from .web import SidePort
 
     s = settings.server
     try:
@@ -70,7 +69,6 @@ async def _serve(settings: config.Settings) -> None:
     except EngineError as exc:
         _die(f"cannot start: {exc}", 1)
     bot = Bot(settings, assets)
-    side = SidePort(bot, settings.http) if settings.http.enabled else None
     try:
         await bot.start()
     except OSError as exc:
@@ -79,13 +77,7 @@ async def _serve(settings: config.Settings) -> None:
     except Exception as exc:  # an Asterisk link that cannot log in (AmiError), for one
         await bot.close()
         _die(f"cannot start: {exc}", 1)
-    if side is not None:
-        try:
-            await side.start()
-        except OSError as exc:
-            await bot.close()
-            h = settings.http
-            _die(f"cannot listen on {h.host}:{h.port} (http.port): {exc.strerror or exc}", 1)
+    side = await _side_port(bot, settings)
     where = ", ".join(
         f"{profile} on {server.address[0]}:{server.address[1]}"
         for profile, server in bot.servers.items()
@@ -122,6 +114,22 @@ async def _serve(settings: config.Settings) -> None:
     if side is not None:
         await side.close()
     log.info("stopped")
+
+
+async def _side_port(bot: Any, settings: config.Settings) -> Any:
+    """The HTTP side port, listening (None when ``[http] enabled`` is false)."""
+    from .web import SidePort
+
+    if not settings.http.enabled:
+        return None
+    side = SidePort(bot, settings.http)
+    try:
+        await side.start()
+    except OSError as exc:
+        await bot.close()
+        h = settings.http
+        _die(f"cannot listen on {h.host}:{h.port} (http.port): {exc.strerror or exc}", 1)
+    return side
 
 
 STATS_FILE = "server-stats.json"

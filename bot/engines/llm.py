@@ -130,6 +130,16 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return held
 
 
+def _device(gpu_layers: int, low_level: Any) -> str:
+    """Where the layers run, as doctor says it; a GPU this build cannot use stops the load."""
+    if gpu_layers and not offloads_to_gpu(low_level):
+        raise ModelUnavailable(
+            f"models.llm_gpu_layers = {gpu_layers}, but this llama-cpp-python has no GPU "
+            'offload: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on"'
+        )
+    return {0: "cpu", -1: "gpu (all layers)"}.get(gpu_layers, f"gpu ({gpu_layers} layers)")
+
+
 class LlamaLlm:
     """The LLM of a process, shared by its calls: ``options.parallel`` replies at a time are
     decoded together, one token each per ``llama_decode`` (continuous batching).
@@ -168,13 +178,7 @@ class LlamaLlm:
         self.extra_buffers = o.extra_buffers == "on" or (
             o.extra_buffers == "auto" and not built_with_amx(low_level)
         )
-        if o.gpu_layers and not offloads_to_gpu(low_level):
-            raise ModelUnavailable(
-                f"models.llm_gpu_layers = {o.gpu_layers}, but this llama-cpp-python has no GPU "
-                'offload: reinstall it with CMAKE_ARGS="-DGGML_CUDA=on"'
-            )
-        layers = {0: "cpu", -1: "gpu (all layers)"}
-        self.device = layers.get(o.gpu_layers, f"gpu ({o.gpu_layers} layers)")
+        self.device = _device(o.gpu_layers, low_level)
         self.resolved = resolve(
             o.model.split(":")[0] if ":" in o.model else o.model, "llm", progress=progress
         )
