@@ -204,3 +204,25 @@ def test_calls_show_prints_each_turn_s_waterfall(tmp_path: Path) -> None:
     # Bars grow with the time: the first frame out is the longest, 40 marks wide.
     assert bars[-1].startswith("  first frame out") and bars[-1].endswith("#" * 40)
     assert bars[0].count("#") == round(40 * 310 / 715)
+
+
+def test_calls_web_serves_a_folder_of_calls_without_a_bot(tmp_path: Path) -> None:
+    folder = a_call(tmp_path, "jjjj")
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "bot", "calls", "web", "--dir", str(tmp_path), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert web.stdout is not None
+        assert web.stdout.readline().strip() == (
+            f"call inspector for {tmp_path}/ on http://127.0.0.1:{port}/"
+        )
+        [row] = httpx.get(f"http://127.0.0.1:{port}/api/calls").json()
+        assert row["id"] == folder.name and row["end"] == "caller hung up"
+        assert "Saturday 10 am" in httpx.get(f"http://127.0.0.1:{port}/calls/{folder.name}").text
+    finally:
+        web.terminate()
+        web.wait(10)
