@@ -23,5 +23,5 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
     && voicebot models install default \
     && mkdir -p /calls && chown -R voicebot /models /calls
 USER voicebot
-EXPOSE 9092 9093
+EXPOSE 9092 9093 9180
 CMD ["voicebot", "serve"]
