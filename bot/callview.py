@@ -7,6 +7,7 @@ Shared by the call inspector (bot/inspector.py) and ``voicebot calls``.
 from __future__ import annotations
 
 import wave
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,12 +60,22 @@ def summary(record: CallRecord, state: str | None = None) -> dict[str, Any]:
         "peer": start.get("peer"),
         "live": state is not None,
         "state": state,
-        "duration": end.get("duration", record.events[-1]["t"] if record.events else 0.0),
+        "duration": _duration(record, began, state),
         "turns": sum(1 for e in record.events if e["event"] == "turn"),
         "end": end.get("reason"),
         "worst_ms": max(latencies, default=None),
         "recording": (record.folder / RECORDING_FILE).is_file(),
     }
+
+
+def _duration(record: CallRecord, began: datetime | None, state: str | None) -> float:
+    """The call's length; a live call's so far (to the second, from its folder's name)."""
+    end = record.end
+    if end is not None and "duration" in end:
+        return float(end["duration"])
+    if state is not None and began is not None:
+        return round((datetime.now(UTC) - began).total_seconds(), 1)
+    return float(record.events[-1]["t"]) if record.events else 0.0
 
 
 Cache = dict[str, tuple[tuple[int, str | None], dict[str, Any]]]
@@ -73,8 +84,8 @@ Cache = dict[str, tuple[tuple[int, str | None], dict[str, Any]]]
 def summaries(
     root: Path, live: dict[str, str], limit: int = 200, cache: Cache | None = None
 ) -> list[dict[str, Any]]:
-    """Live calls first (with their state), then the most recent ones. ``cache`` keeps rows
-    between calls: a row is read again only when its log grew or its state changed."""
+    """Live calls first (with their state and length so far), then the most recent ones.
+    ``cache`` keeps the ended calls' rows between calls: read again only when a log grew."""
     rows: list[dict[str, Any]] = []
     for folder in list_calls(root):
         name = folder.name
@@ -82,7 +93,7 @@ def summaries(
             continue
         try:
             key = ((folder / EVENTS_FILE).stat().st_mtime_ns, live.get(name))
-            if cache is not None and name in cache and cache[name][0] == key:
+            if cache is not None and name not in live and cache.get(name, (None,))[0] == key:
                 rows.append(cache[name][1])
                 continue
             row = summary(read_call(folder), live.get(name))
