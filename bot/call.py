@@ -308,7 +308,7 @@ class Call:
         recorded = {}
         if self.recorder is not None:
             self.recorder.close()
-            if self.recorder.recording or self.recorder.data_bytes:
+            if self.recorder.data_bytes:  # (a closed recorder is no longer "recording")
                 recorded = {
                     "recording": RECORDING_FILE,
                     "recording_s": round(self.recorder.seconds, 2),

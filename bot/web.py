@@ -30,6 +30,19 @@ from .inspector import Inspector
 from .metrics import CONTENT_TYPE
 
 
+async def listen(
+    app: web.Application, host: str, port: int
+) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serves ``app`` on ``host:port`` (0: a free port); the runner and the bound address.
+    Raises OSError when the port is taken."""
+    sock = socket.create_server((host, port))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    bound_host, bound_port = sock.getsockname()[:2]
+    return runner, (bound_host, bound_port)
+
+
 class SidePort:
     def __init__(self, bot: Bot, settings: HttpSettings) -> None:
         self.bot = bot
@@ -42,19 +55,17 @@ class SidePort:
             root = Path(bot.settings.calls.dir)
             inspector = Inspector(root, bot.live_states, host=settings.host, token=settings.token)
             inspector.add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        self._app = app
+        self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
     async def start(self) -> None:
         """Listens (raises OSError when the port is taken)."""
-        sock = socket.create_server((self.settings.host, self.settings.port))
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
-        host, port = sock.getsockname()[:2]
-        self.address = (host, port)
+        self._runner, self.address = await listen(self._app, self.settings.host, self.settings.port)
 
     async def close(self) -> None:
-        await self._runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -104,11 +115,7 @@ async def serve_folder(root: Path, host: str, port: int, token: str = "") -> Non
     """``voicebot calls web``: the call inspector on ``root`` until cancelled."""
     app = web.Application()
     Inspector(root, folder_live(root), host=host, token=token).add_routes(app)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-    sock = socket.create_server((host, port))
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
-    bound = sock.getsockname()
+    runner, bound = await listen(app, host, port)
     print(f"call inspector for {root}/ on http://{bound[0]}:{bound[1]}/", flush=True)
     try:
         await asyncio.Event().wait()

@@ -203,9 +203,9 @@ class Engines:
     def where(self) -> dict[str, str]:
         """What each engine runs and where it computes ("whisper-tiny.en on cpu (int8)",
         "the server at tcp://...")."""
-        found = describe(self.settings)
+        found, remote = describe(self.settings), remote_urls(self.settings)
         for job, engine in (("stt", self.stt), ("llm", self.llm), ("tts", self.tts)):
-            if job not in remote_urls(self.settings):
+            if job not in remote:
                 device = getattr(engine, "device", "cpu")
                 precision = getattr(engine, "compute_type", None)
                 found[job] += f" on {device}" + (f" ({precision})" if precision else "")
