@@ -124,15 +124,13 @@ def handler(
     *,
     profile: str | None = None,
     directory: Directory | None = None,
-    active: set[Session] | None = None,
     observer: Observer | None = None,
     live: dict[str, Call] | None = None,
 ) -> Callable[[Session], Awaitable[None]]:
     """The per-connection handler for one listener (whose profile is ``profile``);
-    ``observer`` sees every call's log events (the metrics); ``live`` holds the calls in
-    progress by their log folder's name (the inspector)."""
+    ``observer`` sees every call's log events (the metrics); ``live`` holds the calls served
+    now, by their log folder's name (the line limit, the inspector), shared by listeners."""
     port_profile = profile or settings.server.profile
-    active = set() if active is None else active
     live = {} if live is None else live
 
     async def handle(session: Session) -> None:
@@ -143,12 +141,11 @@ def handler(
             route = await directory.lookup(uuid, wait)
         name = _profile_name(settings, route, port_profile, session)
         chosen = settings.profile(name)
-        if len(active) >= settings.limits.max_calls:
+        if len(live) >= settings.limits.max_calls:
             session.log.warning("all %d lines busy: refusing the call", settings.limits.max_calls)
             busy = Call(session, name, chosen, settings, behaviour=_busy(assets), observer=observer)
             await busy.run()
             return
-        active.add(session)
         call: Call | None = None
         try:
             behaviour = _assistant(name, assets) if isinstance(chosen, AssistantProfile) else echo
@@ -164,7 +161,6 @@ def handler(
             live[call.calllog.folder.name] = call
             await call.run()
         finally:
-            active.discard(session)
             if call is not None:
                 live.pop(call.calllog.folder.name, None)
             if directory is not None:
@@ -198,11 +194,10 @@ class Bot:
         self.settings = settings
         self.assets = assets
         self.directory = Directory()
-        self.active: set[Session] = set()
         self.servers: dict[str, AudioSocketServer] = {}
         self.links: list[Any] = []
         self._tasks: list[asyncio.Task[Any]] = []
-        self.live: dict[str, Call] = {}  # by log folder name
+        self.live: dict[str, Call] = {}  # the calls served now, by log folder name
         self.metrics = Metrics(lambda: self.calls_in_progress)
         self.closing = False  # shutting down: no new calls
 
@@ -217,7 +212,7 @@ class Bot:
         return (
             bool(self.servers)
             and not self.closing
-            and len(self.active) < self.settings.limits.max_calls
+            and len(self.live) < self.settings.limits.max_calls
         )
 
     def listeners(self) -> list[tuple[str, int]]:
@@ -239,7 +234,6 @@ class Bot:
                     self.assets,
                     profile=profile,
                     directory=self.directory,
-                    active=self.active,
                     observer=self.metrics.observe,
                     live=self.live,
                 ),

@@ -74,7 +74,7 @@ class SidePort:
         bot = self.bot
         state = {
             "ready": bot.ready,
-            "calls": len(bot.active),
+            "calls": len(bot.live),
             "max_calls": bot.settings.limits.max_calls,
             "closing": bot.closing,
         }

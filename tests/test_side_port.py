@@ -91,13 +91,13 @@ def test_the_side_port_says_alive_ready_full_and_draining(calls_dir: Path) -> No
                 call = asyncio.create_task(
                     CallerSimulator("127.0.0.1", port, [], duration=30).run()
                 )
-                await wait_until(lambda: len(bot.active) == 1)
+                await wait_until(lambda: len(bot.live) == 1)
                 full = await web.get("/readyz")
                 assert full.status_code == 503, full.text
                 assert full.json() == {"ready": False, "calls": 1, "max_calls": 1, "closing": False}
                 bot.end_calls()
                 await call
-                await wait_until(lambda: not bot.active)
+                await wait_until(lambda: not bot.live)
                 assert (await web.get("/readyz")).status_code == 200
                 page = (await web.get("/metrics")).text
                 [folder] = list_calls(calls_dir)
